@@ -1,0 +1,120 @@
+"""Model factories, looked up by name: a run directory names its model, it never carries code.
+
+Built-ins: ``mlp``, ``small_cnn`` and ``resnet18_nonorm`` (torchvision's ResNet-18 layout with
+every normalization layer replaced by the identity, the paper's model). Other modules register
+more with :func:`register_model`. A factory outside the registry is only reachable through
+:func:`load_external_factory`, which the CLI calls when the user types ``--allow-factory``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from recorder.runfiles import ModelSpec, RunDirError
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: make ``fn(**kwargs) -> nn.Module`` buildable from a spec as ``name``."""
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def registered_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def load_external_factory(target: str, name: str | None = None) -> str:
+    """Import ``module:function`` and register it (only on the user's explicit request)."""
+    module, _, attr = target.partition(":")
+    if not module or not attr:
+        raise ValueError(f"--allow-factory expects 'module:function', got {target!r}")
+    fn = getattr(importlib.import_module(module), attr)
+    register_model(name or attr)(fn)
+    return name or attr
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Instantiate a registered factory; unknown names and bad kwargs raise RunDirError."""
+    if spec.factory not in _REGISTRY:
+        raise RunDirError(
+            f"model factory {spec.factory!r} is not registered (known: {', '.join(registered_models())}); "
+            "a factory of your own needs --allow-factory module:function"
+        )
+    try:
+        return _REGISTRY[spec.factory](**spec.kwargs)
+    except (TypeError, ValueError) as e:
+        raise RunDirError(
+            f"model factory {spec.factory!r} rejected its arguments {spec.kwargs}: {e}"
+        ) from None
+
+
+def check_state_matches(model: nn.Module, params: dict[str, torch.Tensor], where: str) -> None:
+    """Raise RunDirError unless ``params`` has exactly the model's parameter names and shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.named_parameters()}
+    found = {k: tuple(v.shape) for k, v in params.items()}
+    if expected == found:
+        return
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    shape = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    parts = []
+    if missing:
+        parts.append(f"missing {missing[:3]}")
+    if extra:
+        parts.append(f"unexpected {extra[:3]}")
+    if shape:
+        k = shape[0]
+        parts.append(f"shape of {k!r} is {found[k]}, the model has {expected[k]}")
+    raise RunDirError(f"{where}: weights do not fit the model spec ({'; '.join(parts)})")
+
+
+# ----------------------------------------------------------------------------- built-in models
+
+
+@register_model("mlp")
+def mlp(
+    in_features: int, num_outputs: int, hidden: list[int] | tuple[int, ...] = (128,), activation: str = "relu"
+) -> nn.Module:
+    """Fully connected network: inputs [N, in_features] (or anything flattening to it) -> [N, C]."""
+    acts = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+    if activation not in acts:
+        raise ValueError(f"activation must be one of {sorted(acts)}")
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), acts[activation]()]
+        width = h
+    layers.append(nn.Linear(width, num_outputs))
+    return nn.Sequential(*layers)
+
+
+@register_model("small_cnn")
+def small_cnn(in_channels: int, num_outputs: int, width: int = 16, image_size: int = 8) -> nn.Module:
+    """Two conv layers and a linear head: inputs [N, in_channels, image_size, image_size] -> [N, C]."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * width, num_outputs),
+    )
+
+
+@register_model("resnet18_nonorm")
+def resnet18_nonorm(num_outputs: int = 3) -> nn.Module:
+    """torchvision's ResNet-18 with every BatchNorm replaced by the identity (SPEC §5)."""
+    from torchvision.models import resnet18
+
+    return resnet18(num_classes=num_outputs, norm_layer=lambda _channels: nn.Identity())
