@@ -118,3 +118,78 @@ def resnet18_nonorm(num_outputs: int = 3) -> nn.Module:
     from torchvision.models import resnet18
 
     return resnet18(num_classes=num_outputs, norm_layer=lambda _channels: nn.Identity())
+
+
+# ----------------------------------------------------------------------------- theory families (SPEC §6)
+
+
+class RandomFeatures(nn.Module):
+    """``f(x) = W^T relu(V x)``: inputs [N, in_features] -> [N, num_outputs].
+
+    ``V`` [num_features, in_features] is a fixed buffer drawn from ``feature_seed`` (entries
+    N(0, feature_scale^2 / in_features)); ``W`` [num_features, num_outputs] is the only parameter
+    (entries N(0, 1 / num_features) from torch's global generator).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_features: int,
+        num_outputs: int,
+        feature_seed: int = 0,
+        feature_scale: float = 1.0,
+    ):
+        super().__init__()
+        generator = torch.Generator().manual_seed(feature_seed)
+        V = torch.randn(num_features, in_features, generator=generator) * (feature_scale / in_features**0.5)
+        self.register_buffer("V", V)
+        self.W = nn.Parameter(torch.randn(num_features, num_outputs) / num_features**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x.flatten(1) @ self.V.T) @ self.W
+
+
+class ReluGate(nn.Module):
+    """``f(x) = relu(w . x)``: inputs [N, in_features] -> [N, 1]; ``w`` [in_features], N(0, 1 / in_features)."""
+
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(in_features) / in_features**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x.flatten(1) @ self.w).unsqueeze(-1)
+
+
+class DiagonalHomogeneous(nn.Module):
+    """``f(x) = <w^d, x>`` (elementwise power): inputs [N, in_features] -> [N, 1]; ``w`` [in_features],
+    N(0, 1 / in_features); ``d`` a positive integer."""
+
+    def __init__(self, in_features: int, d: int):
+        super().__init__()
+        if not isinstance(d, int) or isinstance(d, bool) or d < 1:
+            raise ValueError(f"d must be a positive integer, got {d!r}")
+        self.d = d
+        self.w = nn.Parameter(torch.randn(in_features) / in_features**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.flatten(1) @ self.w.pow(self.d)).unsqueeze(-1)
+
+
+@register_model("random_features")
+def random_features(
+    in_features: int, num_features: int, num_outputs: int, feature_seed: int = 0, feature_scale: float = 1.0
+) -> nn.Module:
+    """The linear model on fixed random ReLU features of SPEC §6.1 (see :class:`RandomFeatures`)."""
+    return RandomFeatures(in_features, num_features, num_outputs, feature_seed, feature_scale)
+
+
+@register_model("relu_gate")
+def relu_gate(in_features: int) -> nn.Module:
+    """The single ReLU gate of SPEC §6.2 (see :class:`ReluGate`)."""
+    return ReluGate(in_features)
+
+
+@register_model("diagonal_homogeneous")
+def diagonal_homogeneous(in_features: int, d: int = 2) -> nn.Module:
+    """The weight d-homogeneous, feature-linear predictor of SPEC §6.3 (see :class:`DiagonalHomogeneous`)."""
+    return DiagonalHomogeneous(in_features, d)

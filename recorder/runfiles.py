@@ -13,7 +13,9 @@ A run directory holds everything replay needs and nothing that executes::
 
 A snapshot is listed in the manifest only after its file is complete on disk (written to a
 temporary name, fsynced, renamed), so a crash leaves only complete, listed snapshots. Every
-reader here turns malformed input into a :class:`RunDirError` naming the file.
+reader here turns malformed input into a :class:`RunDirError` naming the file (a damaged
+snapshot file into its subclass :class:`CorruptSnapshotError`), never another exception; nothing
+read from a run directory is executed (JSON and safetensors only, no pickle).
 """
 
 from __future__ import annotations
@@ -29,17 +31,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 FORMAT_VERSION = 1
 TASKS = ("classification", "regression")
 LOSSES = ("cross_entropy", "mse", "half_sse")
+MAX_INT = 2**63 - 1  # steps, epochs and sizes must fit an int64
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+PROBE_DTYPES = WEIGHT_DTYPES + (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+# Types of the torch.optim hyperparameters that replay reads from a recorded parameter group.
+_NUMBER_HYPERPARAMETERS = ("lr", "eps", "weight_decay", "momentum", "dampening")
+_FLAG_HYPERPARAMETERS = ("amsgrad", "nesterov", "maximize", "decoupled_weight_decay")
 
 
 class RunDirError(Exception):
     """A run directory (or one of its files) is missing, unreadable or malformed."""
+
+
+class CorruptSnapshotError(RunDirError):
+    """A listed snapshot file is missing, unreadable, truncated or corrupted (its checksum, its
+    safetensors encoding or its step disagree with the manifest)."""
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -71,6 +83,40 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# ----------------------------------------------------------------------------- validation helpers
+
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    """An int (not a bool) in ``[low, MAX_INT]``."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_INT
+
+
+def _is_number(value: Any) -> bool:
+    """A JSON number (int or float, not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _parse_json(text: str | bytes, where: str, error: type[RunDirError] = RunDirError) -> Any:
+    """``json.loads`` with every failure (syntax, nesting depth, huge integers) an ``error``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except (ValueError, RecursionError) as e:  # undecodable bytes, an integer too long, nesting too deep
+        raise error(f"{where}: not valid JSON ({type(e).__name__})") from None
+
+
+def _load_safetensors(
+    data: bytes, where: str, error: type[RunDirError] = RunDirError
+) -> dict[str, torch.Tensor]:
+    """Decode safetensors bytes; whatever the third-party decoder raises on malformed bytes
+    (SafetensorError, or KeyError for a dtype torch lacks, ...) becomes ``error``."""
+    try:
+        return st_load(data)
+    except Exception as e:  # noqa: BLE001 - untrusted bytes: any failure means unreadable
+        raise error(f"{where}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
 # ----------------------------------------------------------------------------- records
@@ -139,6 +185,13 @@ class RunSpec:
             raise RunDirError(f"{where}: num_outputs must be a positive integer")
         if spec.format != FORMAT_VERSION:
             raise RunDirError(f"{where}: format {spec.format!r} is not supported (expected {FORMAT_VERSION})")
+        for name in ("optimizer", "preset"):
+            if not isinstance(getattr(spec, name), str | None):
+                raise RunDirError(f"{where}: {name} must be a string or null")
+        if spec.seed is not None and not _is_int(spec.seed, low=-MAX_INT):
+            raise RunDirError(f"{where}: seed must be an integer or null")
+        if not isinstance(spec.versions, dict) or not isinstance(spec.extra, dict):
+            raise RunDirError(f"{where}: versions and extra must be objects")
         return spec
 
 
@@ -170,16 +223,26 @@ class SnapshotEntry:
             )
         except KeyError as e:
             raise RunDirError(f"{where}: snapshot entry lacks {e.args[0]!r}") from None
-        ints = (entry.step, entry.epoch, entry.bytes)
-        if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in ints):
-            raise RunDirError(f"{where}: step, epoch and bytes must be non-negative integers")
+        if not all(_is_int(v) for v in (entry.step, entry.epoch, entry.bytes)):
+            raise RunDirError(f"{where}: step, epoch and bytes must be integers in [0, 2^63)")
         if not isinstance(entry.file, str) or not isinstance(entry.sha256, str):
             raise RunDirError(f"{where}: file and sha256 must be strings")
+        try:
+            os.fsencode(entry.file)
+            valid = "\0" not in entry.file and Path(entry.file).parts != ()
+        except UnicodeError:
+            valid = False
+        if not valid:
+            raise RunDirError(f"{where}: snapshot file {entry.file!r} is not a valid file name")
         rel = Path(entry.file)
         if rel.is_absolute() or ".." in rel.parts:
             raise RunDirError(f"{where}: snapshot file {entry.file!r} points outside the run directory")
-        if not isinstance(entry.metrics, dict):
-            raise RunDirError(f"{where}: metrics must be an object")
+        if entry.lr is not None and not _is_number(entry.lr):
+            raise RunDirError(f"{where}: lr must be a number or null")
+        if not isinstance(entry.metrics, dict) or not all(
+            v is None or _is_number(v) for v in entry.metrics.values()
+        ):
+            raise RunDirError(f"{where}: metrics must be an object of numbers")
         return entry
 
 
@@ -228,20 +291,24 @@ def encode_snapshot(snapshot: Snapshot) -> bytes:
 
 
 def decode_snapshot(data: bytes, where: str) -> Snapshot:
-    """Parse safetensors bytes written by :func:`encode_snapshot`."""
-    try:
-        tensors = st_load(data)
-        metadata = _safetensors_metadata(data)
-    except (SafetensorError, ValueError, OverflowError) as e:
-        raise RunDirError(f"{where}: not a readable safetensors file ({e})") from None
+    """Parse safetensors bytes written by :func:`encode_snapshot`; anything malformed raises
+    :class:`CorruptSnapshotError`."""
+    tensors = _load_safetensors(data, where, CorruptSnapshotError)
+    metadata = _safetensors_metadata(data, where)
     try:
         step = int(metadata["step"])
     except (KeyError, ValueError):
-        raise RunDirError(f"{where}: metadata lacks an integer 'step'") from None
+        raise CorruptSnapshotError(f"{where}: metadata lacks an integer 'step'") from None
+    if not _is_int(step):
+        raise CorruptSnapshotError(f"{where}: step {step} is out of range")
     params, buffers, raw_state = {}, {}, {}
     for key, value in tensors.items():
         kind, _, name = key.partition(".")
         if kind == "params":
+            if value.dtype not in WEIGHT_DTYPES:
+                raise CorruptSnapshotError(
+                    f"{where}: parameter {name!r} has dtype {value.dtype}, not a float"
+                )
             params[name] = value
         elif kind == "buffers":
             buffers[name] = value
@@ -249,25 +316,50 @@ def decode_snapshot(data: bytes, where: str) -> Snapshot:
             pname, _, skey = name.rpartition(".")
             raw_state.setdefault(pname, {})[skey] = value
         else:
-            raise RunDirError(f"{where}: unexpected tensor {key!r}")
+            raise CorruptSnapshotError(f"{where}: unexpected tensor {key!r}")
     optimizer = None
     if "optimizer" in metadata:
-        try:
-            meta = json.loads(metadata["optimizer"])
-            optimizer = OptimizerRecord(type=str(meta["type"]), groups=list(meta["groups"]), state=raw_state)
-        except (ValueError, KeyError, TypeError):
-            raise RunDirError(f"{where}: malformed optimizer metadata") from None
-        if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in optimizer.groups):
-            raise RunDirError(f"{where}: optimizer groups must be objects with a 'params' list")
+        meta = _parse_json(metadata["optimizer"], f"{where}: optimizer metadata", CorruptSnapshotError)
+        if not isinstance(meta, dict) or not isinstance(meta.get("type"), str):
+            raise CorruptSnapshotError(
+                f"{where}: optimizer metadata must be {{'type': str, 'groups': [...]}}"
+            )
+        groups = meta.get("groups")
+        if not isinstance(groups, list) or not all(_is_group(g) for g in groups):
+            raise CorruptSnapshotError(
+                f"{where}: optimizer groups must be objects with a 'params' list of names and numeric "
+                f"hyperparameters ({', '.join(_NUMBER_HYPERPARAMETERS)}, betas)"
+            )
+        optimizer = OptimizerRecord(type=meta["type"], groups=groups, state=raw_state)
     return Snapshot(step=step, params=params, buffers=buffers, optimizer=optimizer)
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
+def _is_group(group: Any) -> bool:
+    """A recorded parameter group: parameter names and well-typed torch.optim hyperparameters."""
+    if not isinstance(group, dict):
+        return False
+    names = group.get("params")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return False
+    betas = group.get("betas", [0.0, 0.0])
+    return (
+        all(_is_number(group[k]) for k in _NUMBER_HYPERPARAMETERS if k in group)
+        and all(isinstance(group[k], bool) for k in _FLAG_HYPERPARAMETERS if k in group)
+        and isinstance(betas, list)
+        and len(betas) == 2
+        and all(_is_number(b) for b in betas)
+    )
+
+
+def _safetensors_metadata(data: bytes, where: str) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes that :func:`_load_safetensors` accepted."""
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise ValueError("__metadata__ is not an object")
+    header = _parse_json(data[8 : 8 + n], where, CorruptSnapshotError)
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CorruptSnapshotError(f"{where}: safetensors __metadata__ must map names to strings")
     return meta
 
 
@@ -298,16 +390,18 @@ class RunDir:
         self.spec = RunSpec.from_json(self._read_json("spec.json"), where=str(self.path / "spec.json"))
         self.manifest = self._read_manifest()
 
-    def _read_json(self, name: str) -> Any:
+    def _read_bytes(self, name: str, error: type[RunDirError] = RunDirError, what: str = "missing") -> bytes:
+        """The bytes of ``name`` (relative to the run directory); failures raise ``error``."""
         p = self.path / name
         try:
-            return json.loads(p.read_text())
+            return p.read_bytes()
         except FileNotFoundError:
-            raise RunDirError(f"{p}: missing") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise RunDirError(f"{p}: unreadable ({e})") from None
-        except json.JSONDecodeError as e:
-            raise RunDirError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            raise error(f"{p}: {what}") from None
+        except (OSError, ValueError) as e:  # ValueError: a name the OS cannot take
+            raise error(f"{p}: unreadable ({e})") from None
+
+    def _read_json(self, name: str) -> Any:
+        return _parse_json(self._read_bytes(name), str(self.path / name))
 
     def _read_manifest(self) -> list[SnapshotEntry]:
         where = str(self.path / "manifest.json")
@@ -315,7 +409,11 @@ class RunDir:
             return []
         obj = self._read_json("manifest.json")
         if not isinstance(obj, dict) or not isinstance(obj.get("snapshots"), list):
-            raise RunDirError(f"{where}: expected {{'snapshots': [...]}}")
+            raise RunDirError(f"{where}: expected {{'format': {FORMAT_VERSION}, 'snapshots': [...]}}")
+        if obj.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+            raise RunDirError(
+                f"{where}: format {obj['format']!r} is not supported (expected {FORMAT_VERSION})"
+            )
         entries = [SnapshotEntry.from_json(e, f"{where} entry {k}") for k, e in enumerate(obj["snapshots"])]
         steps = [e.step for e in entries]
         if steps != sorted(set(steps)):
@@ -323,21 +421,14 @@ class RunDir:
         return entries
 
     def probes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The probe set: inputs [P, ...] and targets [P] (int64 classes) or [P, C]."""
+        """The probe set: inputs [P, ...] and targets [P] (int64 classes) or [P, C] (floats), finite."""
         p = self.path / "probes.safetensors"
-        try:
-            data = p.read_bytes()
-        except FileNotFoundError:
-            raise RunDirError(f"{p}: missing") from None
-        except OSError as e:
-            raise RunDirError(f"{p}: unreadable ({e})") from None
-        try:
-            tensors = st_load(data)
-        except (SafetensorError, ValueError, OverflowError) as e:
-            raise RunDirError(f"{p}: not a readable safetensors file ({e})") from None
+        tensors = _load_safetensors(self._read_bytes("probes.safetensors"), str(p))
         if set(tensors) != {"inputs", "targets"}:
-            raise RunDirError(f"{p}: expected tensors 'inputs' and 'targets', found {sorted(tensors)}")
+            raise RunDirError(f"{p}: expected tensors 'inputs' and 'targets', found {sorted(tensors)[:4]}")
         inputs, targets = tensors["inputs"], tensors["targets"]
+        if inputs.dtype not in PROBE_DTYPES or targets.dtype not in PROBE_DTYPES:
+            raise RunDirError(f"{p}: unsupported dtype {inputs.dtype} / {targets.dtype}")
         if inputs.ndim < 1 or inputs.shape[0] == 0:
             raise RunDirError(f"{p}: the probe set is empty")
         if targets.shape[:1] != inputs.shape[:1]:
@@ -349,41 +440,40 @@ class RunDir:
                 raise RunDirError(f"{p}: classification targets must be int64 of shape [P]")
             if targets.min() < 0 or targets.max() >= self.spec.num_outputs:
                 raise RunDirError(f"{p}: class labels must lie in [0, {self.spec.num_outputs})")
-        elif not targets.is_floating_point():
-            raise RunDirError(f"{p}: regression targets must be floating point")
+        elif not targets.is_floating_point() or tuple(targets.shape) != (len(inputs), self.spec.num_outputs):
+            raise RunDirError(f"{p}: regression targets must be floats of shape [P, {self.spec.num_outputs}]")
+        for name, t in (("inputs", inputs), ("targets", targets)):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise RunDirError(f"{p}: probe {name} contain NaN or Inf")
         return inputs, targets
 
     def load_snapshot(self, entry: SnapshotEntry, verify: bool = True) -> Snapshot:
-        """Read one listed snapshot, checking its size and checksum unless ``verify`` is False."""
+        """Read one listed snapshot, checking its size and checksum unless ``verify`` is False.
+
+        A missing, unreadable, truncated or corrupted file raises :class:`CorruptSnapshotError`.
+        """
         p = self.path / entry.file
-        try:
-            data = p.read_bytes()
-        except FileNotFoundError:
-            raise RunDirError(f"{p}: listed in the manifest (step {entry.step}) but missing") from None
-        except OSError as e:
-            raise RunDirError(f"{p}: unreadable ({e})") from None
+        missing = f"listed in the manifest (step {entry.step}) but missing"
+        data = self._read_bytes(entry.file, CorruptSnapshotError, missing)
         if verify and (len(data) != entry.bytes or sha256(data) != entry.sha256):
-            raise RunDirError(
+            raise CorruptSnapshotError(
                 f"{p}: checksum mismatch (step {entry.step}): the file is truncated or corrupted"
             )
         snap = decode_snapshot(data, str(p))
         if snap.step != entry.step:
-            raise RunDirError(f"{p}: holds step {snap.step}, the manifest says {entry.step}")
-        snap.nonfinite = [
-            k for k, v in snap.params.items() if v.is_floating_point() and not torch.isfinite(v).all()
-        ]
+            raise CorruptSnapshotError(f"{p}: holds step {snap.step}, the manifest says {entry.step}")
+        snap.nonfinite = [k for k, v in snap.params.items() if not torch.isfinite(v).all()]
         return snap
 
     def metrics(self) -> list[dict[str, Any]]:
-        """Per-step / per-epoch metrics (``metrics.jsonl``); a torn last line is ignored."""
-        p = self.path / "metrics.jsonl"
-        if not p.exists():
+        """Per-step / per-epoch metrics (``metrics.jsonl``); torn or malformed lines are ignored."""
+        if not (self.path / "metrics.jsonl").exists():
             return []
         rows = []
-        for line in p.read_text(errors="replace").splitlines():
+        for line in self._read_bytes("metrics.jsonl").decode(errors="replace").splitlines():
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 continue
             if isinstance(row, dict):
                 rows.append(row)
@@ -448,10 +538,14 @@ class RunWriter:
         self._write_manifest()
         return entry
 
-    def log_metrics(self, row: dict[str, Any]) -> None:
-        """Append one metrics row to ``metrics.jsonl`` (a torn line after a crash is skipped on read)."""
-        clean = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in row.items()}
+    def log_metrics(self, *rows: dict[str, Any]) -> None:
+        """Append metrics rows to ``metrics.jsonl``, one fsync for all (a torn line after a crash
+        is skipped on read)."""
+        lines = [
+            json.dumps({k: finite_or_none(v) if isinstance(v, float) else v for k, v in row.items()}) + "\n"
+            for row in rows
+        ]
         with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(clean) + "\n")
+            f.write("".join(lines))
             f.flush()
             os.fsync(f.fileno())

@@ -1,0 +1,321 @@
+"""The paper's classification experiments (SPEC §5): ResNet-18 without normalization layers on
+three classes of CIFAR-10, SVHN or CIFAR-100, Adam, snapshots every 9 batches.
+
+Presets ``cifar10-resnet18``, ``svhn-resnet18`` and ``cifar100-resnet18`` record a run group
+(:mod:`recorder.rungroup`): ``runs`` independent runs, run ``k`` with seed ``seed + k``. The seed of
+a run draws its training images (``train_per_class`` of each kept class), its probe set
+(``probes_per_class`` of those training images, grouped by class, without augmentation), its
+test images (when ``test_per_class`` is set), the initial weights, the batch order and the
+augmentation. Output ``k`` of the model is the ``k``-th kept class; ``spec.json`` ``extra`` holds
+``config``, ``classes`` (the dataset labels kept) and ``class_names``.
+
+The data are read by torchvision's dataset classes from ``data_root`` (CIFAR: the folders
+``cifar-10-batches-py`` / ``cifar-100-python``; SVHN: ``train_32x32.mat`` and ``test_32x32.mat``),
+downloaded there only with ``download=true``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets, transforms
+
+from recorder.models import build_model
+from recorder.presets import Preset, register_preset
+from recorder.recorder import Recorder
+from recorder.runfiles import ModelSpec, RunDirError
+from recorder.rungroup import record_group
+from recorder.schedule import Schedule
+from recorder.training import train
+
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2023, 0.1994, 0.2010)
+EVAL_TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+TRAIN_TRANSFORM = transforms.Compose(
+    [
+        transforms.RandomCrop(32, padding=4),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(MEAN, STD),
+    ]
+)
+
+
+class DataError(RunDirError):
+    """A preset's data set is missing or unreadable, or does not fit its settings (a
+    :class:`RunDirError`: the CLI prints one line)."""
+
+
+@dataclass
+class VisionConfig:
+    """The settings of a vision preset; the defaults are SPEC §5's CIFAR-10 experiment."""
+
+    classes: list[int] = field(
+        default_factory=lambda: [0, 1, 8], metadata={"help": "dataset labels kept; output k is the k-th"}
+    )
+    train_per_class: int = field(default=5000, metadata={"help": "training images of each kept class"})
+    test_per_class: int | None = field(
+        default=None, metadata={"help": "test images of each kept class for the test accuracy (null: all)"}
+    )
+    probes_per_class: int = field(
+        default=20, metadata={"help": "training images of each class in the probe set (not augmented)"}
+    )
+    batch_size: int = field(default=256, metadata={"help": "training batch size"})
+    epochs: int = field(default=7, metadata={"help": "training epochs"})
+    lr: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "Adam weight decay"})
+    snapshot_every: int = field(default=9, metadata={"help": "snapshot every this many batches"})
+    runs: int = field(
+        default=3, metadata={"help": "independent runs (seeds seed, seed+1, ...): RUN_DIR/run-00, ..."}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the first run"})
+    data_root: str = field(default="data", metadata={"help": "folder of the torchvision data set"})
+    download: bool = field(
+        default=False, metadata={"help": "download the data set into data_root if missing"}
+    )
+    verify_md5: bool = field(
+        default=True,
+        metadata={"help": "check torchvision's md5 sums of the files (false for generated data)"},
+    )
+    device: str = field(default="auto", metadata={"help": "torch device; auto: cuda if available, else cpu"})
+    workers: int = field(default=2, metadata={"help": "data-loading worker processes"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+
+@dataclass
+class SvhnConfig(VisionConfig):
+    classes: list[int] = field(
+        default_factory=lambda: [0, 2, 4], metadata={"help": "dataset labels kept; output k is the k-th"}
+    )
+    train_per_class: int = field(default=4000, metadata={"help": "training images of each kept class"})
+
+
+@dataclass
+class Cifar100Config(VisionConfig):
+    classes: list[int] = field(
+        default_factory=lambda: [48, 53, 94], metadata={"help": "dataset labels kept; output k is the k-th"}
+    )
+    train_per_class: int = field(default=500, metadata={"help": "training images of each kept class"})
+    batch_size: int = field(default=25, metadata={"help": "training batch size"})
+
+
+@dataclass(frozen=True)
+class VisionData:
+    """How torchvision reads one data set: its class, split argument and label attribute."""
+
+    title: str
+    cls: type
+    num_classes: int
+
+    def files(self, root: Path) -> list[Path]:
+        """The files torchvision checks (train, test, meta)."""
+        if issubclass(self.cls, datasets.CIFAR10):
+            names = [f for f, _ in self.cls.train_list + self.cls.test_list] + [self.cls.meta["filename"]]
+            return [root / self.cls.base_folder / f for f in names]
+        return [root / self.cls.split_list[s][1] for s in ("train", "test")]
+
+    def load(self, config: VisionConfig, train: bool) -> Dataset:
+        """The torchvision data set (no transform) of one split; :class:`DataError` if missing."""
+        cls = self.cls if config.verify_md5 else _without_md5(self.cls)
+        split = (
+            {"train": train} if issubclass(cls, datasets.CIFAR10) else {"split": "train" if train else "test"}
+        )
+        root = Path(config.data_root).expanduser()
+        try:
+            return cls(str(root), download=config.download, **split)
+        except RuntimeError as e:
+            missing = [str(p) for p in self.files(root) if not p.is_file()]
+            if missing:
+                problem = f"not found in {root} (missing {', '.join(missing)})"
+            else:
+                problem = f"in {root} does not match torchvision's md5 sums ({e}); for generated data set verify_md5=false"
+            raise DataError(
+                f"{self.title} {problem}: pass --set download=true to download it, "
+                "or --set data_root=DIR to point at a copy"
+            ) from None
+
+    def labels(self, dataset: Dataset) -> np.ndarray:
+        """``[N]`` int64 labels of every image of ``dataset``."""
+        return np.asarray(dataset.targets if hasattr(dataset, "targets") else dataset.labels, dtype=np.int64)
+
+    def class_names(self, dataset: Dataset) -> list[str]:
+        return list(getattr(dataset, "classes", [str(c) for c in range(self.num_classes)]))
+
+
+DATA = {
+    "cifar10-resnet18": VisionData("CIFAR-10", datasets.CIFAR10, 10),
+    "svhn-resnet18": VisionData("SVHN", datasets.SVHN, 10),
+    "cifar100-resnet18": VisionData("CIFAR-100", datasets.CIFAR100, 100),
+}
+CONFIGS = {"cifar10-resnet18": VisionConfig, "svhn-resnet18": SvhnConfig, "cifar100-resnet18": Cifar100Config}
+
+
+def _without_md5(cls: type) -> type:
+    """A subclass of a torchvision data set that checks that its files exist, not their md5 sums."""
+    if issubclass(cls, datasets.CIFAR10):
+        attrs: dict[str, Any] = {
+            "train_list": [[f, None] for f, _ in cls.train_list],
+            "test_list": [[f, None] for f, _ in cls.test_list],
+            "meta": {**cls.meta, "md5": None},
+        }
+    else:
+        attrs = {"split_list": {s: [url, f, None] for s, (url, f, _) in cls.split_list.items()}}
+    return type(cls.__name__, (cls,), attrs)
+
+
+class Selected(Dataset):
+    """Images ``index`` of ``base`` through ``transform``, labels mapped to ``0 .. K-1``:
+    items (``[3, 32, 32]`` float32, int)."""
+
+    def __init__(self, base: Dataset, index: np.ndarray, labels: np.ndarray, transform: Any):
+        self.base, self.index, self.labels, self.transform = base, index, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
+        image, _ = self.base[int(self.index[k])]
+        return self.transform(image), int(self.labels[k])
+
+
+def select(
+    labels: np.ndarray, classes: list[int], per_class: int | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """``per_class`` random images (all with None) of each class, grouped by class: indices ``[M]``
+    into ``labels`` and their new labels ``[M]`` (position of the class in ``classes``)."""
+    index, new = [], []
+    for k, c in enumerate(classes):
+        pool = np.flatnonzero(labels == c)
+        n = len(pool) if per_class is None else per_class
+        index.append(np.sort(rng.choice(pool, n, replace=False)))
+        new.append(np.full(n, k, dtype=np.int64))
+    return np.concatenate(index), np.concatenate(new)
+
+
+def check_counts(labels: np.ndarray, classes: list[int], per_class: int | None, what: str, knob: str) -> None:
+    """Raise :class:`DataError` unless every class has ``per_class`` images in ``labels`` ``[N]``."""
+    for c in classes:
+        have = int(np.sum(labels == c))
+        if per_class is not None and have < per_class:
+            raise DataError(f"{what}: class {c} has {have} images, {per_class} were asked for (lower {knob})")
+
+
+def record(run_dir: Path, config: VisionConfig, preset: str) -> None:
+    """Record the run group ``run_dir``: ``config.runs`` runs of ``preset``."""
+    data = DATA[preset]
+    bad = [c for c in config.classes if not 0 <= c < data.num_classes]
+    if len(config.classes) < 2 or len(set(config.classes)) != len(config.classes) or bad:
+        raise DataError(
+            f"classes must be at least two distinct labels in [0, {data.num_classes}), got {config.classes}"
+        )
+    if config.probes_per_class > config.train_per_class:
+        raise DataError("probes_per_class cannot exceed train_per_class: probes are training images")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+    train_set, test_set = data.load(config, train=True), data.load(config, train=False)
+    check_counts(
+        data.labels(train_set),
+        config.classes,
+        config.train_per_class,
+        f"{data.title} training set",
+        "train_per_class",
+    )
+    check_counts(
+        data.labels(test_set),
+        config.classes,
+        config.test_per_class,
+        f"{data.title} test set",
+        "test_per_class",
+    )
+    settings = {**asdict(config), "device": device}
+    record_group(
+        run_dir,
+        preset,
+        settings,
+        config.runs,
+        config.seed,
+        functools.partial(
+            _record_run, config=config, preset=preset, device=device, sets=(train_set, test_set)
+        ),
+    )
+
+
+def _record_run(
+    run_dir: Path, seed: int, config: VisionConfig, preset: str, device: str, sets: tuple[Dataset, Dataset]
+) -> None:
+    """One run of the group with seed ``seed``."""
+    data = DATA[preset]
+    train_set, test_set = sets
+    rng = np.random.default_rng(seed)
+    train_index, train_labels = select(data.labels(train_set), config.classes, config.train_per_class, rng)
+    test_index, test_labels = select(data.labels(test_set), config.classes, config.test_per_class, rng)
+    probe_pos, _ = select(train_labels, list(range(len(config.classes))), config.probes_per_class, rng)
+    probes = Selected(train_set, train_index[probe_pos], train_labels[probe_pos], EVAL_TRANSFORM)
+    probe_inputs = torch.stack([probes[k][0] for k in range(len(probes))])  # [P, 3, 32, 32]
+    probe_targets = torch.from_numpy(train_labels[probe_pos])  # [P]
+
+    torch.manual_seed(seed)
+    spec = ModelSpec("resnet18_nonorm", {"num_outputs": len(config.classes)})
+    model = build_model(spec).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    loader_options = {
+        "num_workers": config.workers,
+        "pin_memory": device.startswith("cuda"),
+        "persistent_workers": config.workers > 0,
+    }
+    train_loader = DataLoader(
+        Selected(train_set, train_index, train_labels, TRAIN_TRANSFORM),
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        **loader_options,
+    )
+    test_loader = DataLoader(
+        Selected(test_set, test_index, test_labels, EVAL_TRANSFORM), batch_size=512, **loader_options
+    )
+    names = data.class_names(train_set)
+    with Recorder(
+        run_dir,
+        model,
+        optimizer,
+        probes=(probe_inputs, probe_targets),
+        model_spec=spec,
+        task="classification",
+        loss="cross_entropy",
+        schedule=Schedule.every(config.snapshot_every),
+        seed=seed,
+        preset=preset,
+        extra={
+            "config": {**asdict(config), "seed": seed, "device": device},
+            "classes": list(config.classes),
+            "class_names": [names[c] for c in config.classes],
+            "images": {"train": len(train_index), "test": len(test_index)},
+        },
+    ) as recorder:
+        train(
+            model,
+            optimizer,
+            "cross_entropy",
+            train_loader,
+            test_loader,
+            config.epochs,
+            recorder,
+            device,
+            progress=config.progress,
+        )
+
+
+_HELP = {
+    "cifar10-resnet18": "SPEC §5: ResNet-18 (no norm) on CIFAR-10 planes, cars, ships; Adam; 3 runs",
+    "svhn-resnet18": "SPEC §5: ResNet-18 (no norm) on SVHN digits 0, 2, 4; Adam; 3 runs",
+    "cifar100-resnet18": "SPEC §5: ResNet-18 (no norm) on CIFAR-100 motorcycle, orange, wardrobe; Adam; 3 runs",
+}
+for _name, _cls in CONFIGS.items():
+    register_preset(
+        Preset(name=_name, help=_HELP[_name], config_cls=_cls, record=functools.partial(record, preset=_name))
+    )

@@ -1,0 +1,97 @@
+"""A generic supervised training loop with the recorder attached: one ``recorder.step()`` per
+optimizer step, per-epoch train and test loss (and accuracy for classification)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from recorder.losses import batch_loss, per_sample_loss
+from recorder.recorder import Recorder
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_name: str,
+    train_loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    test_loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    epochs: int,
+    recorder: Recorder | None,
+    device: str | torch.device,
+    progress: bool = True,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> list[dict[str, float]]:
+    """Train for ``epochs`` epochs; return one row per epoch (also logged and printed).
+
+    Batches are (inputs [B, ...], targets [B] classes or [B, C]). ``scheduler`` (if any) is stepped
+    after every optimizer step. Rows: ``epoch``, ``train_loss``, ``test_loss`` and, for
+    ``cross_entropy``, ``train_acc`` and ``test_acc``. Train metrics average the batches of the
+    epoch as they were trained on.
+    """
+    classification = loss_name == "cross_entropy"
+    history = []
+    bar = tqdm(total=epochs * len(train_loader), disable=not progress, unit="step", dynamic_ncols=True)
+    for epoch in range(epochs):
+        model.train()
+        loss_sum, correct, seen = 0.0, torch.zeros((), dtype=torch.int64, device=device), 0
+        for inputs, targets in train_loader:
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            outputs = model(inputs)
+            loss = batch_loss(loss_name, outputs, targets)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            value = loss.item()
+            if recorder is not None:
+                recorder.step(epoch=epoch, loss=value)
+            loss_sum += value * len(inputs)
+            seen += len(inputs)
+            if classification:
+                correct += (outputs.argmax(dim=1) == targets).sum()
+            bar.set_description(f"epoch {epoch + 1}/{epochs}")
+            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+            bar.update()
+        row: dict[str, float] = {"train_loss": loss_sum / seen}
+        if classification:
+            row["train_acc"] = correct.item() / seen
+        row.update({f"test_{k}": v for k, v in evaluate(model, loss_name, test_loader, device).items()})
+        if recorder is not None:
+            recorder.log_epoch(epoch, **row)
+        history.append({"epoch": epoch, **row})
+        tqdm.write(f"epoch {epoch + 1}/{epochs}  " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()))
+    bar.close()
+    return history
+
+
+def evaluate(
+    model: nn.Module,
+    loss_name: str,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: str | torch.device,
+) -> dict[str, float]:
+    """Mean loss (``loss``) and, for ``cross_entropy``, accuracy (``acc``) over ``loader``, in eval mode."""
+    classification = loss_name == "cross_entropy"
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    with torch.no_grad():
+        for inputs, targets in loader:
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            outputs = model(inputs)
+            loss_sum += per_sample_loss(loss_name, outputs, targets).sum()
+            if classification:
+                correct += (outputs.argmax(dim=1) == targets).sum()
+            seen += len(inputs)
+    model.train(was_training)
+    metrics = {"loss": loss_sum.item() / seen}
+    if classification:
+        metrics["acc"] = correct.item() / seen
+    return metrics

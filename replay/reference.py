@@ -1,0 +1,52 @@
+"""The paper's procedure as a plain loop: for every probe, a deep copy of the model and a real
+optimizer take one step on that probe alone, and the copy is evaluated on all probes.
+
+It is the oracle of the replay tests and the baseline of the benchmark (``cli.py bench``): the
+engine must agree with it to float rounding and beat it on time.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from recorder.losses import batch_loss
+
+
+def stepped_copies(
+    model: nn.Module,
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    loss: str,
+    x: Tensor,
+    y: Tensor,
+) -> Iterator[nn.Module]:
+    """For each probe ``i`` of x ``[P, ...]``, y ``[P]`` / ``[P, C]``: a deep copy of ``model`` after
+    one step of ``make_optimizer(copy)`` on probe ``i`` alone (the optimizer may load a state)."""
+    for i in range(len(x)):
+        clone = copy.deepcopy(model)
+        optimizer = make_optimizer(clone)
+        optimizer.zero_grad()
+        batch_loss(loss, clone(x[i : i + 1]), y[i : i + 1]).backward()
+        optimizer.step()
+        yield clone
+
+
+def plain_changes(
+    model: nn.Module,
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    loss: str,
+    x: Tensor,
+    y: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Base outputs ``f(x_j; w)`` ``[P, C]`` and new outputs ``f(x_j; w_i+)`` ``[P, P, C]`` (row ``i``:
+    the copy stepped on probe ``i``, see :func:`stepped_copies`)."""
+    with torch.no_grad():
+        base = model(x)
+    rows = []
+    for clone in stepped_copies(model, make_optimizer, loss, x, y):
+        with torch.no_grad():
+            rows.append(clone(x))
+    return base, torch.stack(rows)

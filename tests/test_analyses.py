@@ -1,0 +1,269 @@
+"""Analyses on synthetic replay stores written in the README's zarr layout, with known values."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from analyses.classpairs import STATS, aggregate
+from analyses.curves import measure_curves
+from analyses.report import analyze, format_table
+from analyses.results import ResultsError, load_results
+from recorder.runfiles import ModelSpec, RunSpec, atomic_write_json
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_run_dir(path, task="classification", metrics=()):
+    """A run directory with ``spec.json`` and ``metrics.jsonl`` (no snapshots: analyses need none)."""
+    path.mkdir(parents=True, exist_ok=True)
+    loss = "cross_entropy" if task == "classification" else "mse"
+    spec = RunSpec(
+        ModelSpec("mlp", {"in_features": 4, "num_outputs": 3}), task=task, loss=loss, num_outputs=3
+    )
+    atomic_write_json(path / "spec.json", spec.to_json())
+    (path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metrics))
+    return path
+
+
+def write_store(
+    path,
+    measures,
+    targets,
+    done,
+    steps,
+    classes=None,
+    include_self=False,
+    classpairs=None,
+    config=None,
+):
+    """Write a replay store as README.md's table says.
+
+    ``measures``: name -> ``[S, P, P]``; ``targets``: int ``[P]`` (classification) or float
+    ``[P, C]``; ``classpairs``: name -> stat -> ``[S, K, K]``, default ``aggregate`` of the measures
+    (classification only).
+    """
+    group = zarr.open_group(path, mode="w")
+    targets = np.asarray(targets)
+    S, P = len(done), len(targets)
+    C = targets.shape[1] if targets.ndim == 2 else 3
+
+    def put(key, data, dims):
+        data = np.asarray(data)
+        arr = group.create_array(key, shape=data.shape, dtype=data.dtype, dimension_names=dims)
+        arr[...] = data
+
+    put("step", np.asarray(steps, dtype=np.int64), ("snapshot",))
+    put("epoch", np.asarray(steps, dtype=np.int64) // 10, ("snapshot",))
+    put("done", np.asarray(done, dtype=bool), ("snapshot",))
+    put("probe_targets", targets, ("probe",) if targets.ndim == 1 else ("probe", "output"))
+    put("base_outputs", np.zeros((S, P, C)), ("snapshot", "probe", "output"))
+    put("probe_loss", np.ones((S, P)), ("snapshot", "probe"))
+    put("update_norm", np.ones((S, P)), ("snapshot", "probe"))
+    put("error_estimate", np.full(S, 1e-6), ("snapshot",))
+    for m, values in measures.items():
+        put(f"measures/{m}", np.asarray(values, dtype=np.float64), ("snapshot", "updated", "observed"))
+    if targets.ndim == 1:
+        K = len(classes)
+        for m, values in measures.items():
+            for stat in STATS:
+                A = (
+                    classpairs[m][stat]
+                    if classpairs is not None
+                    else aggregate(values, targets, K, include_self, stat)
+                )
+                put(f"classpairs/{m}/{stat}", A, ("snapshot", "observed_class", "updated_class"))
+    group.attrs.update(
+        {
+            "config": config or {"update": {"rule": path.name.removesuffix(".zarr"), "lr": 1e-4}},
+            "run_spec": {"task": "classification" if targets.ndim == 1 else "regression"},
+            "measures": list(measures),
+            "classes": classes,
+            "include_self": include_self,
+            "dtype": "float64",
+        }
+    )
+
+
+LABELS6 = np.array([0, 0, 1, 1, 2, 2])
+# B[a, b]: the value of S[i, j] for class(j) = a (observed), class(i) = b (updated), i != j.
+B0 = np.array([[2.0, 1, 1], [1, 4, 2], [1, 1, 3]])
+B1 = np.array([[3.0, 2, 1], [1, 5, 1], [2, 2, 6]])
+
+
+def block_matrix(B, labels):
+    """``[P, P]`` with ``S[i, j] = B[class(j), class(i)]`` off the diagonal and 1 on it."""
+    S = B[labels[None, :], labels[:, None]].astype(np.float64)
+    np.fill_diagonal(S, 1.0)
+    return S
+
+
+def block_store(path, **kw):
+    """Snapshots at steps 0, 9, 18; step 9 is not done and holds huge values."""
+    kl = np.stack([block_matrix(B0, LABELS6), np.full((6, 6), 1000.0), block_matrix(B1, LABELS6)])
+    write_store(
+        path, {"kl": kl}, LABELS6, done=[True, False, True], steps=[0, 9, 18], classes=[0, 1, 2], **kw
+    )
+
+
+# Time-averaged A[b, b] / mean_{a != b} A[a, b] over the done snapshots, by hand.
+# Self pairs excluded: A = B.
+TABLE_NO_SELF = [(2 / 1 + 3 / 1.5) / 2, (4 / 1 + 5 / 2) / 2, (3 / 1.5 + 6 / 1) / 2]
+# Self pairs included: a same-class cell holds two self pairs (1) and two others (B[b, b]).
+TABLE_SELF = [
+    ((2 + 1) / 2 / 1 + (3 + 1) / 2 / 1.5) / 2,
+    ((4 + 1) / 2 / 1 + (5 + 1) / 2 / 2) / 2,
+    ((3 + 1) / 2 / 1.5 + (6 + 1) / 2 / 1) / 2,
+]
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_spec5_table_equals_hand_computed(tmp_path):
+    block_store(tmp_path / "adam-fresh.zarr", include_self=False)
+    (result,) = load_results(tmp_path)
+    assert result.steps.tolist() == [0, 18]  # the undone snapshot is not seen
+    assert result.measures["kl"].shape == (2, 6, 6)
+    for stat in STATS:
+        np.testing.assert_allclose(measure_curves(result, "kl").ratio_table(stat), TABLE_NO_SELF)
+        # the store holds include_self=False: the paper's protocol is recomputed from measures/kl
+        np.testing.assert_allclose(
+            measure_curves(result, "kl", include_self=True).ratio_table(stat), TABLE_SELF
+        )
+
+
+def test_stored_aggregates_used_when_protocol_matches(tmp_path):
+    A = np.stack([np.full((3, 3), 1.0) + np.eye(3) * k for k in (1, 50, 3)])  # [S, K, K], A[b, b] = 1 + k
+    block_store(tmp_path / "x.zarr", include_self=True, classpairs={"kl": {"mean": A, "median": A}})
+    (result,) = load_results(tmp_path)
+    # ratio (1 + k) / 1 at the done snapshots k = 1, 3 (50 is not done): time average 3
+    np.testing.assert_allclose(measure_curves(result, "kl", include_self=True).ratio_table(), [3.0, 3.0, 3.0])
+    np.testing.assert_allclose(measure_curves(result, "kl", include_self=False).ratio_table(), TABLE_NO_SELF)
+
+
+def test_separation_auc_curve_equals_hand_computed(tmp_path):
+    labels = np.array([0, 0, 1, 1])
+    same = [(0, 1), (1, 0), (2, 3), (3, 2)]
+    cross = [(0, 2), (0, 3), (1, 2), (1, 3), (2, 0), (2, 1), (3, 0), (3, 1)]
+
+    def snapshot(same_value, cross_values):
+        S = np.eye(4)
+        for i, j in same:
+            S[i, j] = same_value
+        for (i, j), v in zip(cross, cross_values, strict=True):
+            S[i, j] = v
+        return S
+
+    kl = np.stack(
+        [
+            snapshot(5, [1, 2, 3, 4, 6, 7, 8, 9]),  # 5 beats 4 of 8 cross pairs: 0.5
+            snapshot(10, [1, 2, 3, 4, 6, 7, 8, 9]),  # beats all: 1.0
+            snapshot(0, [1, 2, 3, 4, 6, 7, 8, 9]),  # not done (would be 0.0)
+            snapshot(5, [5, 5, 1, 1, 1, 1, 1, 1]),  # beats 6, ties 2: (6 + 2 / 2) / 8
+        ]
+    )
+    write_store(
+        tmp_path / "s.zarr", {"kl": kl}, labels, [True, True, False, True], [0, 5, 10, 15], classes=[0, 1]
+    )
+    (result,) = load_results(tmp_path)
+    curves = measure_curves(result, "kl")
+    np.testing.assert_array_equal(curves.steps, [0, 5, 15])
+    np.testing.assert_allclose(curves.auc, [0.5, 1.0, 0.875])
+
+
+def test_analyze_writes_figures_summary_report_and_comparison(tmp_path):
+    metrics = [{"kind": "step", "step": s, "epoch": s // 10, "loss": 2.0 / (1 + s)} for s in range(1, 30)]
+    metrics += [
+        {"kind": "epoch", "step": 10 * e + 9, "epoch": e, "loss": 1.0 / (e + 1), "test_acc": 0.5 + 0.1 * e}
+        for e in range(3)
+    ]
+    run = make_run_dir(tmp_path / "run", metrics=metrics)
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    for name in ("adam-fresh", "recorded"):
+        measures = {m: rng.uniform(0.1, 2.0, size=(3, 6, 6)) for m in ("kl", "orig_probs_l2")}
+        write_store(run / f"{name}.zarr", measures, labels, [True] * 3, [0, 10, 20], classes=[0, 1, 2])
+    write_store(
+        run / "partial.zarr", {"kl": np.ones((2, 6, 6))}, labels, [False, False], [0, 10], classes=[0, 1, 2]
+    )
+
+    summary = analyze(run)
+    out = run / "analysis"
+    files = {f["file"] for f in summary["figures"]}
+    assert files == {
+        "adam-fresh_classpairs_kl.png",
+        "adam-fresh_classpairs_orig_probs_l2.png",
+        "adam-fresh_separation_auc.png",
+        "recorded_classpairs_kl.png",
+        "recorded_classpairs_orig_probs_l2.png",
+        "recorded_separation_auc.png",
+        "comparison.png",
+        "training.png",
+    }
+    for f in files:
+        assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+    assert summary["skipped"] == {"partial": "no completed snapshot"}
+    assert summary["comparison"]["stores"] == ["adam-fresh", "recorded"]
+    assert set(summary["comparison"]["measures"]) == {"kl", "orig_probs_l2"}
+    assert set(summary["comparison"]["measures"]["kl"]) == {"adam-fresh", "recorded"}
+    kl = summary["stores"]["recorded"]["measures"]["kl"]
+    assert 0 <= kl["separation_auc"]["final"] <= 1 and len(kl["same_cross_ratio"]["mean"]) == 3
+    assert summary["training"]["epoch"] == {
+        "loss": {"final": pytest.approx(1 / 3), "step": 29},
+        "test_acc": {"final": pytest.approx(0.7), "step": 29},
+    }
+    assert summary["training"]["step"] == {"loss": {"final": pytest.approx(2 / 30), "step": 29}}
+
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(files)
+    assert "Configurations compared" in html and "recorded" in html and "adam-fresh" in html
+    table = format_table(summary)
+    assert "adam-fresh" in table and "recorded" in table and "orig_probs_l2" in table
+
+
+def test_analyze_paper_protocol_table(tmp_path):
+    run = make_run_dir(tmp_path / "run")
+    block_store(run / "adam-fresh.zarr", include_self=False)
+    summary = analyze(run, out_dir=tmp_path / "out", include_self=True, measures=["kl"])
+    ratio = summary["stores"]["adam-fresh"]["measures"]["kl"]["same_cross_ratio"]
+    np.testing.assert_allclose(ratio["mean"], TABLE_SELF)
+    assert (tmp_path / "out" / "report.html").exists()
+    with pytest.raises(ResultsError, match="seed_kl"):
+        analyze(run, out_dir=tmp_path / "out", measures=["seed_kl"])
+
+
+def test_regression_store_gives_trajectory_summary(tmp_path):
+    run = make_run_dir(tmp_path / "run", task="regression")
+    off = ~np.eye(4, dtype=bool)
+    S = np.ones((2, 4, 4))
+    S[0][off] = np.arange(1, 13)  # median 6.5
+    S[1][off] = np.arange(1, 13) * 10.0  # median 65
+    write_store(run / "sgd.zarr", {"orig_outputs_l2": S}, np.zeros((4, 1)), [True, True], [0, 10])
+    summary = analyze(run)
+    m = summary["stores"]["sgd"]["measures"]["orig_outputs_l2"]
+    assert m["median_S"] == {"first": 6.5, "final": 65.0, "time_average": 35.75}
+    assert "separation_auc" not in m and summary["stores"]["sgd"]["classes"] is None
+    assert [f["file"] for f in summary["figures"]] == ["sgd_trajectory.png"]
+    assert "sgd" in format_table(summary)
+
+
+def test_clear_errors(tmp_path):
+    run = make_run_dir(tmp_path / "run")
+    with pytest.raises(ResultsError, match="no replay stores"):
+        analyze(run)
+    (run / "bad.zarr").mkdir()
+    (run / "bad.zarr" / "zarr.json").write_text("not json")
+    with pytest.raises(ResultsError, match="bad.zarr"):
+        load_results(run)
+    (run / "bad.zarr" / "zarr.json").unlink()
+    (run / "bad.zarr").rmdir()
+    block_store(run / "nodone.zarr")
+    zarr.open_group(run / "nodone.zarr", mode="a").attrs["measures"] = ["kl", "linear"]
+    with pytest.raises(ResultsError, match="nodone.zarr.*measures/linear"):
+        load_results(run)

@@ -1,0 +1,75 @@
+"""The command line: help everywhere, usage errors exit 2, bad run directories give one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+
+COMMANDS = ["presets", "record", "replay", "analyze", "demo", "theory"]
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.mark.parametrize("command", [[]] + [[c] for c in COMMANDS])
+def test_help_everywhere(runner, command):
+    result = runner.invoke(main, command + ["--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["no-such-command"],
+        ["replay"],  # missing RUN_DIR
+        ["replay", "x", "--update", "rmsprop"],
+        ["replay", "x", "--memory-budget", "lots"],
+        ["record", "no-such-preset", "x"],
+        ["record", "digits", "x", "--set", "epochs=abc"],
+        ["record", "digits", "x", "--set", "nonsense=1"],
+        ["theory", "no-such-family"],
+    ],
+)
+def test_usage_errors_exit_2(runner, args, tmp_path):
+    result = runner.invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", ["replay", "analyze"])
+def test_missing_or_empty_run_dir_is_one_line(runner, tmp_path, command):
+    for target in (tmp_path / "missing", tmp_path):
+        result = runner.invoke(main, [command, str(target)])
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith("Error: ")
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_record_replay_analyze_end_to_end(runner, tmp_path):
+    run = tmp_path / "digits"
+    result = runner.invoke(main, ["record", "digits", str(run), "--set", "epochs=1", "--set", "progress=false"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["replay", str(run), "--no-progress", "--measures", "orig_probs_l2,kl"])
+    assert result.exit_code == 0, result.output
+    assert (run / "adam-fresh.zarr").is_dir()
+    # A second replay of the same configuration has nothing left to do and changes nothing.
+    result = runner.invoke(main, ["replay", str(run), "--no-progress", "--measures", "orig_probs_l2,kl"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["analyze", str(run)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    assert "adam-fresh" in json.dumps(summary)
+    assert (run / "analysis" / "report.html").exists()
+    # Recording into a directory that already holds a run is refused, nothing is touched.
+    before = (run / "manifest.json").read_bytes()
+    result = runner.invoke(main, ["record", "digits", str(run), "--set", "epochs=1"])
+    assert result.exit_code == 1 and result.output.startswith("Error: ")
+    assert (run / "manifest.json").read_bytes() == before
