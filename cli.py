@@ -102,7 +102,7 @@ def record(preset: str, run_dir: Path, overrides: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=click.Path(path_type=Path, readable=False))  # RunDir says what is wrong
 @click.option("--update", "rule", type=click.Choice(["adam-fresh", "sgd", "recorded"]), default="adam-fresh",
               show_default=True, help="Virtual update rule U (SPEC §2).")
 @click.option("--lr", type=float, default=None,
@@ -123,11 +123,15 @@ def record(preset: str, run_dir: Path, overrides: tuple[str, ...]) -> None:
 @click.option("--name", default=None, help="Store name: RUN_DIR/NAME.zarr [default: the update rule].")
 @click.option("--include-self", is_flag=True, help="Keep self pairs i = j in the same-class aggregates.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--skip-corrupt", is_flag=True,
+              help="Skip snapshots whose files are missing, truncated or corrupted (a warning names each).")
+@click.option("--allow-factory", "factories", multiple=True, metavar="MODULE:FUNCTION",
+              help="Import a model factory that is not registered (runs that module's code: only code you trust).")
 @_fail_cleanly
 def replay(run_dir: Path, rule: str, lr: float | None, eps: float | None, betas: tuple[float, float] | None,
            weight_decay: float | None, measures: str | None, precision: str, tolerance: float | None,
            ratio_eps: float | None, device: str, memory_budget: int | None, name: str | None,
-           include_self: bool, no_progress: bool) -> None:
+           include_self: bool, no_progress: bool, skip_corrupt: bool, factories: tuple[str, ...]) -> None:
     """Replay the snapshots of RUN_DIR into S_rel arrays (RUN_DIR/NAME.zarr); resumable.
 
     RUN_DIR may be a run group (several seeds of one preset): each run is replayed in turn.
@@ -147,13 +151,19 @@ def replay(run_dir: Path, rule: str, lr: float | None, eps: float | None, betas:
         config = ReplayConfig(update=update, **{k: v for k, v in options.items() if v is not None})
     except ReplayError as e:
         raise click.UsageError(str(e)) from None
+    from recorder.models import load_external_factory
     from recorder.rungroup import is_group, read_group
 
+    for target in factories:
+        try:
+            load_external_factory(target)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise click.BadParameter(str(e), param_hint="--allow-factory") from None
     members = read_group(run_dir).members if is_group(run_dir) else [run_dir]
     for member in members:
         if len(members) > 1:
             click.echo(f"run {member}")
-        run_replay(member, config, progress=not no_progress)
+        run_replay(member, config, progress=not no_progress, skip_corrupt=skip_corrupt)
 
 
 @main.command()
@@ -198,6 +208,37 @@ def demo(out_dir: Path) -> None:
     click.echo(format_table(summary))
     click.echo(f"\nrun directory: {run_dir}\nreplay stores: {', '.join(str(p) for p in sorted(run_dir.glob('*.zarr')))}"
                f"\nreport: {Path(summary['out_dir']) / 'report.html'}")
+
+
+@main.command()
+@click.option("--case", "cases", multiple=True,
+              type=click.Choice(["digits", "small_cnn", "mlp_large", "resnet18", "resnet18_240"]),
+              help="A case to run (repeatable) [default: all of the device's].")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
+@click.option("--probes", type=int, default=None, help="P for every case [default: each case's own].")
+@click.option("--update", "rule", type=click.Choice(["adam-fresh", "sgd"]), default="adam-fresh",
+              show_default=True, help="Virtual update rule.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Learning rate of the update.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs of each candidate.")
+@click.option("--memory-budget", type=MemorySize(), default=None,
+              help="Bytes for stacked weight copies, e.g. 2GiB [default: from the device].")
+@click.option("--no-overhead", is_flag=True, help="Skip the recorder-overhead measurement.")
+@click.option("--grow", is_flag=True, help="Also time the digits MLP against P and the number of snapshots.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write every number to this JSON file.")
+@_fail_cleanly
+def bench(cases: tuple[str, ...], device: str, probes: int | None, rule: str, lr: float, repeats: int,
+          memory_budget: int | None, no_overhead: bool, grow: bool, json_path: Path | None) -> None:
+    """Time the replay engine against the paper's plain loop and the one-forward-pass floor."""
+    import json
+
+    from replay.bench import run_benchmark
+
+    report = run_benchmark(cases or None, device=device, probes=probes, rule=rule, lr=lr, repeats=repeats,
+                           memory_budget=memory_budget, overhead=not no_overhead, grow=grow, echo=click.echo)
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=1))
+        click.echo(f"wrote {json_path}")
 
 
 @main.command()

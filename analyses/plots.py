@@ -197,18 +197,20 @@ def plot_trajectory(curves: Sequence[MeasureCurves], path: Path, title: str) -> 
 
 
 def plot_overlay_grid(rows: Sequence[OverlayRow], path: Path, title: str) -> Path:
-    """A grid of panels (rows x columns), each overlaying one line per key of ``data[column]``."""
-    columns = list(dict.fromkeys(col for row in rows for col in row.data))
-    with _figure(path, title, len(rows) * len(columns), max_cols=len(columns)) as (_, axes):
-        for r, row in enumerate(rows):
-            for c, column in enumerate(columns):
-                ax = axes[r * len(columns) + c]
-                lines = row.data.get(column, {})
+    """A grid of panels, one figure row per key of ``data`` (e.g. a measure) and one figure column
+    per :class:`OverlayRow` (e.g. a statistic); each panel overlays one line per key of
+    ``data[key]`` (e.g. a replay configuration)."""
+    keys = list(dict.fromkeys(key for row in rows for key in row.data))
+    with _figure(path, title, len(rows) * len(keys), max_cols=len(rows)) as (_, axes):
+        for k, key in enumerate(keys):
+            for r, row in enumerate(rows):
+                ax = axes[k * len(rows) + r]
+                lines = row.data.get(key, {})
                 for label, (x, y) in lines.items():
                     ax.plot(x, y, marker=".", label=label)
                 if row.reference is not None:
                     ax.axhline(row.reference, color="grey", linestyle=":")
-                ax.set_title(column)
+                ax.set_title(key)
                 ax.set_xlabel(STEP_LABEL)
                 ax.set_ylabel(row.ylabel)
                 _scale_y(ax, np.concatenate([y for _, y in lines.values()]) if lines else [])

@@ -159,6 +159,13 @@ def analyze(
         plot_training(_named_series(series), out / "training.png", f"{path.name}: training curves")
         figures.append({"file": "training.png", "caption": "Training curves (metrics.jsonl)"})
     training = _training_summary(series)
+    notes = []
+    labels = next(iter(next(iter(stores_by_name.values())).values())).labels
+    if spec.task == "classification" and labels is not None and len(np.unique(labels)) < 2:
+        notes.append(
+            "every probe is of one class: same-class/cross-class comparisons (class pairs, "
+            "separation AUC, the SPEC §5 table) are undefined; record probes of two classes or more"
+        )
 
     summary = {
         "run_dir": str(path),
@@ -174,6 +181,7 @@ def analyze(
         "comparison": comparison,
         "training": training,
         "figures": figures,
+        "notes": notes,
     }
     atomic_write_json(out / "summary.json", summary)
     atomic_write_bytes(out / "report.html", render_report(summary, out).encode())
@@ -199,6 +207,7 @@ def format_table(summary: dict[str, Any]) -> str:
         "" if summary["group"] is None else f"{n} runs, means over runs. " if n > 1 else "A group of 1 run. "
     )
     lines.append(f"{runs}Self pairs {selfs}. Report: {Path(summary['out_dir']) / 'report.html'}")
+    lines += [f"Note: {note}" for note in summary.get("notes", [])]
     return "\n".join(lines)
 
 

@@ -125,7 +125,7 @@ def load_result(path: str | Path) -> ReplayResult:
 
 
 def _load(path: Path) -> ReplayResult:
-    group = zarr.open_group(path, mode="r")
+    group = zarr.open_group(path, mode="r", zarr_format=3)
     attrs = dict(group.attrs)
 
     def array(key: str, ndim: int) -> zarr.Array:

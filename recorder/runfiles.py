@@ -40,9 +40,6 @@ LOSSES = ("cross_entropy", "mse", "half_sse")
 MAX_INT = 2**63 - 1  # steps, epochs and sizes must fit an int64
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PROBE_DTYPES = WEIGHT_DTYPES + (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-# Types of the torch.optim hyperparameters that replay reads from a recorded parameter group.
-_NUMBER_HYPERPARAMETERS = ("lr", "eps", "weight_decay", "momentum", "dampening")
-_FLAG_HYPERPARAMETERS = ("amsgrad", "nesterov", "maximize", "decoupled_weight_decay")
 
 
 class RunDirError(Exception):
@@ -93,7 +90,7 @@ def _is_int(value: Any, low: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_INT
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     """A JSON number (int or float, not a bool)."""
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -229,7 +226,7 @@ class SnapshotEntry:
             raise RunDirError(f"{where}: file and sha256 must be strings")
         try:
             os.fsencode(entry.file)
-            valid = "\0" not in entry.file and Path(entry.file).parts != ()
+            valid = entry.file.isprintable() and Path(entry.file).parts != ()
         except UnicodeError:
             valid = False
         if not valid:
@@ -237,10 +234,10 @@ class SnapshotEntry:
         rel = Path(entry.file)
         if rel.is_absolute() or ".." in rel.parts:
             raise RunDirError(f"{where}: snapshot file {entry.file!r} points outside the run directory")
-        if entry.lr is not None and not _is_number(entry.lr):
+        if entry.lr is not None and not is_number(entry.lr):
             raise RunDirError(f"{where}: lr must be a number or null")
         if not isinstance(entry.metrics, dict) or not all(
-            v is None or _is_number(v) for v in entry.metrics.values()
+            v is None or is_number(v) for v in entry.metrics.values()
         ):
             raise RunDirError(f"{where}: metrics must be an object of numbers")
         return entry
@@ -327,28 +324,16 @@ def decode_snapshot(data: bytes, where: str) -> Snapshot:
         groups = meta.get("groups")
         if not isinstance(groups, list) or not all(_is_group(g) for g in groups):
             raise CorruptSnapshotError(
-                f"{where}: optimizer groups must be objects with a 'params' list of names and numeric "
-                f"hyperparameters ({', '.join(_NUMBER_HYPERPARAMETERS)}, betas)"
+                f"{where}: optimizer groups must be objects with a 'params' list of names"
             )
         optimizer = OptimizerRecord(type=meta["type"], groups=groups, state=raw_state)
     return Snapshot(step=step, params=params, buffers=buffers, optimizer=optimizer)
 
 
 def _is_group(group: Any) -> bool:
-    """A recorded parameter group: parameter names and well-typed torch.optim hyperparameters."""
-    if not isinstance(group, dict):
-        return False
-    names = group.get("params")
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        return False
-    betas = group.get("betas", [0.0, 0.0])
-    return (
-        all(_is_number(group[k]) for k in _NUMBER_HYPERPARAMETERS if k in group)
-        and all(isinstance(group[k], bool) for k in _FLAG_HYPERPARAMETERS if k in group)
-        and isinstance(betas, list)
-        and len(betas) == 2
-        and all(_is_number(b) for b in betas)
-    )
+    """A recorded parameter group: an object with ``params``, a list of parameter names."""
+    names = group.get("params") if isinstance(group, dict) else None
+    return isinstance(names, list) and all(isinstance(n, str) for n in names)
 
 
 def _safetensors_metadata(data: bytes, where: str) -> dict[str, str]:

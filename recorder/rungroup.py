@@ -40,8 +40,11 @@ def member_name(index: int) -> str:
 
 
 def is_group(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a run group (holds ``group.json``)."""
-    return (Path(path) / GROUP_FILE).is_file()
+    """Whether ``path`` is a run group (holds ``group.json``); False where it cannot be read."""
+    try:
+        return (Path(path) / GROUP_FILE).is_file()
+    except OSError:
+        return False
 
 
 def record_group(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 RULES = ("sgd", "adam-fresh", "recorded")
-PRECISIONS = ("float64", "float32", "mixed", "auto")
+PRECISIONS = ("float64", "float32", "difference32", "mixed", "auto")
 STRATEGIES = ("auto", "vmap", "loop")
 
 
@@ -86,12 +86,14 @@ class ReplayConfig:
     precision: str = field(
         default="float64",
         metadata={
-            "help": "Arithmetic of the replay: 'float64' (default, resolves even tiny updates), 'mixed' "
-            "(float64 except the output changes, which a float32 pass propagates layer by layer without "
-            "ever subtracting two outputs: about 1e-6 relative error whatever the step, at about twice "
-            "the cost of float32), 'auto' (float64 on a CPU, mixed on a GPU) or 'float32' (plain float32 "
-            "differences; refused when its estimated error exceeds the tolerance). Every mode but "
-            "float64 is checked against float64 on a few rows."
+            "help": "Arithmetic of the replay: 'float64' (default, resolves even tiny updates); "
+            "'mixed' (base outputs, loss gradients and measures in float64, the output changes propagated "
+            "layer by layer in float32 without ever subtracting two outputs: about 1e-7 relative error "
+            "whatever the step); 'difference32' (the same, but the output changes as a float32 "
+            "difference: cheaper, and exact enough only for large steps); 'auto' (difference32 while its "
+            "estimated error stays below 1e-4, else mixed, or float64 for models torch.fx cannot trace); "
+            "'float32' (everything in float32). Every mode but float64 is checked against float64 on a "
+            "few rows and refused when the estimated error exceeds the tolerance."
         },
     )
     ratio_eps: float = field(

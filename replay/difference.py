@@ -11,17 +11,19 @@ by rules that never form a difference of two nearly equal numbers:
   ``(W + U)(v + d) - W v = (W + U) d + U v`` (bias: ``+ u_b``);
 - a layer or function linear in its input alone (``Identity``, ``Flatten``, average pooling, views,
   sums): the layer applied to ``d``;
-- ``relu``: ``d`` where ``v`` and ``v + d`` are both positive, else ``relu(v + d) - relu(v)``
-  (that difference is exact or as small as ``d``);
+- ``relu``: ``max(d + min(v, 0), -relu(v))``, which is ``max(d, -v)`` (exact) where ``v > 0`` and
+  ``relu(v + d)`` (rounded below ``eps * |d|``) elsewhere;
 - anything else (max pooling, other activations, layers of unknown type): the difference of the node
   evaluated in float64 at ``v + d`` (and ``w + U``) and at ``v`` (and ``w``), rounded to float32.
   ``v + d`` of two float32 numbers is exact in float64, so this costs float64 arithmetic on that node
   only and carries float64 rounding ``eps64 * |v| / |d|``.
 
-So ``D`` comes out with a float32 *relative* error (about 1e-6 on the built-in models) whatever the
+So ``D`` comes out with a float32 *relative* error (about 1e-7 on the built-in models) whatever the
 size of the step, at about twice the arithmetic of a plain float32 forward pass (two products per
-linear layer). Models that ``torch.fx.symbolic_trace`` cannot trace raise
-:class:`UnsupportedModel` at construction.
+linear layer). The same pass gives the Jacobian-vector product ``J . U`` of the ``linear`` measure
+(tangent rules: ``W t + U v`` for the layers above, ``t * (v > 0)`` for relu, ``torch.func.jvp``
+in float32 for the rest), sharing the products ``U v`` with ``D``. Models that
+``torch.fx.symbolic_trace`` cannot trace raise :class:`UnsupportedModel` at construction.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
-from torch.func import functional_call
+from torch.func import functional_call, jvp
 
 # Modules whose output is a linear function of their input alone (no parameters).
 _LINEAR_MODULES = (
@@ -74,21 +76,24 @@ class BaseState:
     """One snapshot as :meth:`ChangePropagator.change` needs it.
 
     ``values``: node name -> the node's value at ``w`` for the ``P`` probes (float64), and under
-    ``name + "/32"`` its float32 copy; ``state``: the weights and buffers (float64, qualified
-    names); ``weights32``: the weights of the linear and convolution layers in float32.
+    ``name + "/work"`` its copy in the working dtype ``dtype``; ``state``: the weights and buffers
+    (float64, qualified names); ``weights``: the weights of the linear and convolution layers in
+    the working dtype.
     """
 
     values: dict[str, Any]
     state: dict[str, Tensor]
-    weights32: dict[str, Tensor]
+    weights: dict[str, Tensor]
+    dtype: torch.dtype
 
 
 class ChangePropagator:
     """The change ``D = f(x; w + U) - f(x; w)`` of a traced model, one update ``U`` at a time.
 
     :meth:`base` evaluates every node at ``w`` once per snapshot; :meth:`change` then maps one
-    update (name -> ``[*shape]`` float32) to ``D`` ``[P, C]`` float32; it works under ``vmap`` over
-    a leading axis of the update.
+    update (name -> ``[*shape]``) to ``D`` ``[P, C]`` in the working dtype (float32; in float64 it
+    is a reference with float64 relative error); it works under ``vmap`` over a leading axis of
+    the update.
     """
 
     def __init__(self, model: nn.Module):
@@ -103,8 +108,15 @@ class ChangePropagator:
         self.nodes = list(self.graph_module.graph.nodes)
         self.modules = dict(self.graph_module.named_modules())
 
-    def base(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> BaseState:
-        """Every node's value at ``params`` and ``buffers`` (float64) for inputs ``x`` ``[P, ...]``."""
+    def base(
+        self,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        x: Tensor,
+        dtype: torch.dtype = torch.float32,
+    ) -> BaseState:
+        """Every node's value at ``params`` and ``buffers`` (float64) for inputs ``x`` ``[P, ...]``;
+        :meth:`change` then works in ``dtype`` (float32; float64 for a reference)."""
         state = params | buffers
         values: dict[str, Any] = {}
         for node in self.nodes:
@@ -113,26 +125,37 @@ class ChangePropagator:
             elif node.op != "output":
                 args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n.name])
                 values[node.name] = self._call(node, args, kwargs, state)
-        values |= {f"{k}/32": v.float() for k, v in list(values.items()) if isinstance(v, Tensor)}
+        values |= {f"{k}/work": v.to(dtype) for k, v in list(values.items()) if isinstance(v, Tensor)}
         weighted = [
             f"{n.target}.weight"
             for n in self.nodes
             if n.op == "call_module" and isinstance(self.modules[n.target], _WEIGHTED_MODULES)
         ]
-        return BaseState(values, state, {k: state[k].float() for k in weighted if k in state})
+        return BaseState(values, state, {k: state[k].to(dtype) for k in weighted if k in state}, dtype)
 
-    def change(self, base: BaseState, update: dict[str, Tensor]) -> Tensor:
-        """``D`` ``[P, C]`` float32 for one ``update`` (name -> ``[*shape]`` float32)."""
+    def change(
+        self, base: BaseState, update: dict[str, Tensor], finite: bool = True, linear: bool = False
+    ) -> dict[str, Tensor]:
+        """For one ``update`` (name -> ``[*shape]`` in the working dtype of ``base``): ``"finite"``,
+        the change ``D`` ``[P, C]`` (if ``finite``), and ``"linear"``, the Jacobian-vector product
+        ``J . U`` ``[P, C]`` (if ``linear``), in that dtype. The two share the products ``U v`` of
+        every layer."""
         changes: dict[str, Tensor | None] = {}
+        tangents: dict[str, Tensor | None] = {}
         for node in self.nodes:
             if node.op == "placeholder":
-                changes[node.name] = None
+                changes[node.name] = tangents[node.name] = None
             elif node.op == "get_attr":
-                changes[node.name] = update.get(node.target)
+                changes[node.name] = tangents[node.name] = update.get(node.target)
             elif node.op == "output":
-                return changes[node.args[0].name]
+                out = node.args[0].name
+                return ({"finite": changes[out]} if finite else {}) | (
+                    {"linear": tangents[out]} if linear else {}
+                )
             else:
-                changes[node.name] = self._change(node, base, changes, update)
+                changes[node.name], tangents[node.name] = self._change(
+                    node, base, changes if finite else None, tangents if linear else None, update
+                )
         raise UnsupportedModel("the traced graph has no output")
 
     # ------------------------------------------------------------------------- node rules
@@ -153,38 +176,62 @@ class ChangePropagator:
         raise UnsupportedModel(f"node {node.name}: unknown op {node.op}")
 
     def _change(
-        self, node: fx.Node, base: BaseState, changes: dict[str, Tensor | None], update: dict[str, Tensor]
-    ) -> Tensor | None:
-        """The change of ``node`` from the changes of its inputs (None: unchanged)."""
+        self,
+        node: fx.Node,
+        base: BaseState,
+        changes: dict[str, Tensor | None] | None,
+        tangents: dict[str, Tensor | None] | None,
+        update: dict[str, Tensor],
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The change and the tangent of ``node`` from those of its inputs (None: zero; ``changes``
+        or ``tangents`` None: not wanted)."""
         module = self.modules[node.target] if node.op == "call_module" else None
         own_update = _own(update, node.target) if module is not None else {}
-        if all(changes[n.name] is None for n in node.all_input_nodes) and not own_update:
-            return None
-        if node.op == "call_method" and node.target in _SHAPE_METHODS:
-            return None
+        inputs = node.all_input_nodes
+        moving = any(
+            seen is not None and seen[n.name] is not None for seen in (changes, tangents) for n in inputs
+        )
+        if not (moving or own_update) or (node.op == "call_method" and node.target in _SHAPE_METHODS):
+            return None, None
         first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        single = first is not None and len(node.all_input_nodes) == 1
-        v, d = (base.values[f"{first.name}/32"], changes[first.name]) if single else (None, None)
-        if single and isinstance(module, _WEIGHTED_MODULES) and len(node.args) == 1 and not node.kwargs:
-            return _weighted(module, v, d, own_update, base.weights32[f"{node.target}.weight"])
-        if d is not None:
+        if first is not None and len(inputs) == 1:
+            v = base.values[f"{first.name}/work"]
+            d = changes[first.name] if changes is not None else None
+            t = tangents[first.name] if tangents is not None else None
+            if isinstance(module, _WEIGHTED_MODULES) and len(node.args) == 1 and not node.kwargs:
+                weight = base.weights[f"{node.target}.weight"]
+                return _weighted(
+                    module, v, d, t, own_update, weight, changes is not None, tangents is not None
+                )
             if isinstance(module, nn.ReLU) or (node.op == "call_function" and node.target in _RELUS):
-                return _relu(v, d)
+                return (None if d is None else _relu(v, d)), (None if t is None else t * (v > 0))
             if (
                 isinstance(module, _LINEAR_MODULES)
                 or (node.op == "call_function" and node.target in _LINEAR_FUNCTIONS)
                 or (node.op == "call_method" and node.target in _LINEAR_METHODS)
             ):
-                args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: d)
-                return self._call(node, args, kwargs, {})
+                return self._apply(node, d), self._apply(node, t)
         if node.op == "call_function" and node.target in _SUMS and not node.kwargs:
-            return _sum(node, base, changes)
-        return self._float64_difference(node, base, changes, update)
+            return (
+                None if changes is None else _sum(node, base, changes),
+                None if tangents is None else _sum(node, base, tangents),
+            )
+        return (
+            None if changes is None else self._float64_difference(node, base, changes, update),
+            None if tangents is None else self._tangent(node, base, tangents, update),
+        )
+
+    def _apply(self, node: fx.Node, d: Tensor | None) -> Tensor | None:
+        """A node linear in its only tensor input, applied to ``d`` (None: zero)."""
+        if d is None:
+            return None
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: d)
+        return self._call(node, args, kwargs, {})
 
     def _float64_difference(
         self, node: fx.Node, base: BaseState, changes: dict[str, Tensor | None], update: dict[str, Tensor]
     ) -> Tensor:
-        """``node(v + d; w + U) - node(v; w)`` in float64, rounded to float32."""
+        """``node(v + d; w + U) - node(v; w)`` in float64, rounded to the working dtype."""
 
         def moved(n: fx.Node) -> Any:
             d = changes[n.name]
@@ -193,14 +240,37 @@ class ChangePropagator:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), moved)
         state = base.state
         if node.op == "call_module":
-            prefix = f"{node.target}."
             state = {
                 k: v + update[k].double() if k in update else v
-                for k, v in state.items()
-                if k.startswith(prefix)
+                for k, v in _prefixed(state, node.target).items()
             }
         new = self._call(node, args, kwargs, state)
-        return (new - base.values[node.name]).float()
+        return (new - base.values[node.name]).to(base.dtype)
+
+    def _tangent(
+        self, node: fx.Node, base: BaseState, tangents: dict[str, Tensor | None], update: dict[str, Tensor]
+    ) -> Tensor:
+        """The Jacobian-vector product of ``node`` at ``v`` (and ``w``) along the input tangents and
+        ``U``, in the working dtype (``torch.func.jvp``)."""
+        inputs = node.all_input_nodes
+        primals = [base.values[f"{n.name}/work"] for n in inputs]
+        directions = [
+            tangents[n.name] if tangents[n.name] is not None else torch.zeros_like(p)
+            for n, p in zip(inputs, primals, strict=True)
+        ]
+        own = (
+            {k: v.to(base.dtype) for k, v in _prefixed(base.state, node.target).items()}
+            if node.op == "call_module"
+            else {}
+        )
+        own_directions = {k: update[k] if k in update else torch.zeros_like(v) for k, v in own.items()}
+        position = {n.name: k for k, n in enumerate(inputs)}
+
+        def evaluate(values: list[Tensor], state: dict[str, Tensor]) -> Tensor:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[position[n.name]])
+            return self._call(node, args, kwargs, state)
+
+        return jvp(evaluate, (primals, own), (directions, own_directions))[1]
 
 
 def _own(tensors: dict[str, Tensor], module_name: str) -> dict[str, Tensor]:
@@ -209,28 +279,43 @@ def _own(tensors: dict[str, Tensor], module_name: str) -> dict[str, Tensor]:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def _prefixed(tensors: dict[str, Tensor], module_name: str) -> dict[str, Tensor]:
+    """The entries of ``tensors`` that belong to module ``module_name``, names kept."""
+    return {k: v for k, v in tensors.items() if k.startswith(f"{module_name}.")}
+
+
 def _weighted(
-    module: nn.Module, v: Tensor, d: Tensor | None, own_update: dict[str, Tensor], weight: Tensor
-) -> Tensor:
-    """``(W + U) d + U v + u_b`` for a linear or convolution layer (float32 ``weight`` ``W``; ``d``
-    None: the input does not change)."""
+    module: nn.Module,
+    v: Tensor,
+    d: Tensor | None,
+    t: Tensor | None,
+    own_update: dict[str, Tensor],
+    weight: Tensor,
+    finite: bool,
+    linear: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """A linear or convolution layer (``weight`` ``W``): the change ``(W + U) d + U v + u_b``
+    and the tangent ``W t + U v + u_b`` (``d``, ``t`` None: zero), each if wanted."""
     u_weight = own_update.get("weight", torch.zeros_like(weight))
     call = F.linear if isinstance(module, nn.Linear) else module._conv_forward
-    out = call(v, u_weight, own_update.get("bias"))
-    return out if d is None else out + call(d, weight + u_weight, None)
+    shared = call(v, u_weight, own_update.get("bias"))
+    change = shared if d is None or not finite else call(d, weight + u_weight, None).add_(shared)
+    tangent = shared if t is None or not linear else call(t, weight, None).add_(shared)
+    return (change if finite else None), (tangent if linear else None)
 
 
 def _relu(v: Tensor, d: Tensor) -> Tensor:
-    """``relu(v + d) - relu(v)``: ``d`` itself where both sides are positive (no rounding at all)."""
-    moved = v + d
-    return torch.where((v > 0) & (moved > 0), d, torch.relu(moved) - torch.relu(v))
+    """``relu(v + d) - relu(v) = max(d + min(v, 0), -relu(v))``: where ``v > 0`` that is
+    ``max(d, -v)``, with no rounding at all; elsewhere ``relu(v + d)``, whose rounding is below
+    ``eps * |d|``."""
+    return (d + v.clamp_max(0)).clamp_min_(-v.clamp_min(0))
 
 
-def _sum(node: fx.Node, base: BaseState, changes: dict[str, Tensor | None]) -> Tensor:
+def _sum(node: fx.Node, base: BaseState, changes: dict[str, Tensor | None]) -> Tensor | None:
     """The change of ``a + b`` / ``a - b``: the sum of the changes, broadcast like the result."""
     sign = _SUMS[node.target]
     a, b = (changes[x.name] if isinstance(x, fx.Node) else None for x in node.args[:2])
     if b is not None and sign < 0:
         b = -b
     total = b if a is None else a if b is None else a + b
-    return total.expand_as(base.values[f"{node.name}/32"])
+    return None if total is None else total.expand_as(base.values[f"{node.name}/work"])

@@ -91,7 +91,12 @@ class Ranks:
     def place(self, device: str) -> str:
         """The device this rank replays on: a plain ``cuda`` becomes ``cuda:<local_rank>`` in a
         distributed job; anything else is kept."""
-        return f"cuda:{self.local_rank}" if device == "cuda" and self.device is not None else device
+        return _rank_device(device, self.local_rank) if self.device is not None else device
+
+
+def _rank_device(device: str, local_rank: int) -> str:
+    """A plain ``cuda`` names the GPU of the rank's ``LOCAL_RANK``; other devices stay as given."""
+    return f"cuda:{local_rank}" if device == "cuda" else device
 
 
 @contextmanager
@@ -107,7 +112,7 @@ def join(device: str) -> Iterator[Ranks]:
         return
     try:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        target = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
+        target = torch.device(_rank_device(device, local_rank))
     except (ValueError, RuntimeError) as e:
         raise ReplayError(f"torchrun environment or device {device!r} is not usable ({e})") from None
     on_gpu = target.type == "cuda"

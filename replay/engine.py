@@ -2,16 +2,48 @@
 
 For a snapshot with weights ``w`` and ``P`` probes ``(x_i, y_i)`` (``C`` outputs):
 
-1. per-sample gradients ``g_i`` (``vmap(grad(loss of functional_call))``, model in eval mode);
+1. per-sample gradients ``g_i`` (``grad`` of each probe's loss through ``functional_call``, model
+   in eval mode);
 2. virtual updates ``U_i = U(g_i)`` (:mod:`replay.updates`);
-3. output changes of every probe ``j`` under every update ``i``: ``D[i, j] = f(x_j; w + U_i) -
-   f(x_j; w)`` with ``vmap`` over stacked weight copies, and for ``linear`` the JVP ``J_j . U_i``;
+3. output changes of every probe ``j`` under every update ``i``, ``D[i, j] = f(x_j; w + U_i) -
+   f(x_j; w)`` ``[B, P, C]``, and for ``linear`` the Jacobian-vector products ``J_j . U_i``;
 4. the measures ``S[i, j]`` (:mod:`replay.measures`).
 
-Steps 1-4 run over blocks of updated probes ``i`` small enough that their stacked weight copies,
-gradients and activations fit the memory budget. Precision is part of the result: in float64
-the error estimate is the rounding model ``eps64 * |f| / |D|``; in float32 a few rows are
-recomputed in float64 and the replay refuses when they disagree beyond the tolerance.
+Steps 1-4 run over blocks of ``B`` updated probes within the memory budget, by the plan of
+:mod:`replay.plan`: the block vmapped over stacked weight copies, or looped probe by probe.
+
+Precision. ``D`` is a small difference of nearly equal outputs (SPEC §3). Formed as the
+difference of two forward passes it carries the rounding of the outputs, ``eps * |f| / |D|``
+relative: in float32 1e-6 to 1e-2 under ``adam-fresh`` and more than 100% under ``sgd`` at lr
+1e-4. The arithmetics of :mod:`replay.plan`:
+
+- ``float64``: everything in float64, ``D`` as a difference: the reference. Its error estimate is
+  the rounding model ``eps64 * median_i(max|f(x_i)| / max|D[i, i]|)``.
+- ``float32``: everything in float32 (but the loss, see below), ``D`` as a difference.
+- ``difference32``: ``D`` and ``J . U`` as in float32, everything else (base outputs, loss
+  gradients, measures) in float64.
+- ``mixed``: ``difference32`` with ``D`` and ``J . U`` from one float32 pass of
+  :mod:`replay.difference`, which propagates the change itself through the layers and never
+  subtracts two outputs: about 1e-7 relative error whatever the step, at about twice the
+  arithmetic of a float32 difference.
+- ``auto`` (the precision, not an arithmetic): ``difference32`` while its estimated error stays
+  below :data:`AUTO_TARGET` (a tenth of the 1e-3 bar), else ``mixed`` (``float64`` for models
+  ``torch.fx`` cannot trace) from that snapshot on. So a step that float32 resolves costs a
+  float32 difference, and one it does not (``sgd`` at small lr) never costs more than a
+  difference plus a propagation, once.
+
+Per-sample gradients: the loss is evaluated in float64 on the outputs in every arithmetic (the
+loss gradient ``softmax - one-hot`` of a well fitted probe cancels, in float32 by up to a half).
+For ``cross_entropy`` the network runs in the fast dtype (the logits' own rounding does not
+matter there); for squared losses, whose residual ``f - y`` cancels in the forward pass itself,
+in the exact dtype.
+
+Error estimate of every arithmetic but float64: the ``CHECK_ROWS`` rows with the largest
+amplification ``max|f(x_i)| / max|D[i, i]|`` (the rows with the most rounding error) are
+recomputed in float64 from the same updates, on those rows' own probes and up to
+``CHECK_COLUMNS`` others, and the estimate is the largest relative row error of any measure
+there (at least the float64 reference's own rounding). It covers the output changes and the
+measures; the updates' own float32 rounding (about 1e-7 relative) is not in it. TF32 stays off.
 """
 
 from __future__ import annotations
@@ -36,6 +68,7 @@ from replay.plan import (
     ARITHMETIC,
     Arithmetic,
     ModelFacts,
+    activations_per_sample,
     choose_arithmetic,
     choose_strategy,
     default_memory_budget,
@@ -44,6 +77,9 @@ from replay.plan import (
 from replay.updates import update_rule
 
 CHECK_ROWS = 4  # rows recomputed in float64 to estimate the error of the other arithmetics
+CHECK_COLUMNS = 12  # probes they are recomputed on, besides their own
+AUTO_TARGET = 1e-4  # largest estimated error at which 'auto' keeps the float32 difference
+EXACT = ARITHMETIC["float64"]
 
 
 @dataclass
@@ -70,33 +106,23 @@ def per_sample_grads(
     buffers: dict[str, Tensor],
     x: Tensor,
     y: Tensor,
+    loss_dtype: torch.dtype | None = None,
+    strategy: str = "vmap",
 ) -> dict[str, Tensor]:
     """Gradient of each sample's loss alone: x ``[B, ...]``, y ``[B]`` or ``[B, C]`` -> name ->
-    ``[B, *shape]``."""
+    ``[B, *shape]`` (in the dtype of ``params``). ``loss_dtype``: the dtype the outputs are cast
+    to before the loss (default: theirs); ``strategy``: ``vmap`` over the samples or a ``loop``."""
 
     def sample_loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
         outputs = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        outputs = outputs if loss_dtype is None else outputs.to(loss_dtype)
+        yi = yi.to(outputs.dtype) if yi.is_floating_point() else yi
         return per_sample_loss(loss, outputs, yi.unsqueeze(0))[0]
 
-    return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
-
-
-def _activations_per_sample(model: nn.Module, x: Tensor) -> int:
-    """Values output by the leaf modules of ``model`` for one input ``x`` ``[1, ...]``."""
-    total = 0
-
-    def count(module: nn.Module, args: object, out: object) -> None:
-        nonlocal total
-        total += out.numel() if isinstance(out, Tensor) else 0
-
-    handles = [m.register_forward_hook(count) for m in model.modules() if not any(m.children())]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return total
+    if strategy == "vmap":
+        return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+    rows = [grad(sample_loss)(params, x[b], y[b]) for b in range(len(x))]
+    return {k: torch.stack([r[k] for r in rows]) for k in params}
 
 
 @contextmanager
@@ -115,7 +141,7 @@ def _no_tf32(device: torch.device) -> Iterator[None]:
 
 def _relative_error(approx: dict[str, Tensor], reference: dict[str, Tensor]) -> float:
     """Largest over measures and rows of ``||approx[r] - reference[r]|| / ||reference[r]||``
-    (measures ``[R, P]``; over the finite reference entries; NaN where ``approx`` is not finite)."""
+    (measures ``[R, J]``; over the finite reference entries; NaN where ``approx`` is not finite)."""
     errors = []
     for name, ref in reference.items():
         finite = torch.isfinite(ref)
@@ -125,12 +151,32 @@ def _relative_error(approx: dict[str, Tensor], reference: dict[str, Tensor]) -> 
     return max(errors)
 
 
+@dataclass
+class _Kept:
+    """The updates (name -> ``[R, *shape]``, fast dtype) of the ``R`` rows with the largest
+    amplification so far, and those rows' indices ``[R]`` and amplifications ``[R]``."""
+
+    rows: Tensor
+    amplification: Tensor
+    updates: dict[str, Tensor]
+
+    def merge(self, rows: Tensor, amplification: Tensor, updates: dict[str, Tensor], keep: int) -> _Kept:
+        """The ``keep`` rows with the largest amplification of these and the new ``rows``."""
+        amplification = torch.cat([self.amplification, amplification.nan_to_num(math.inf)])
+        top = amplification.argsort(descending=True, stable=True)[:keep]
+        return _Kept(
+            rows=torch.cat([self.rows, rows])[top],
+            amplification=amplification[top],
+            updates={k: torch.cat([v, updates[k]])[top] for k, v in self.updates.items()},
+        )
+
+
 class Engine:
     """Computes :class:`SnapshotResult` for the snapshots of one run under one configuration.
 
-    ``inputs`` ``[P, ...]`` and ``targets`` ``[P]`` / ``[P, C]``: the run's probe set. The
-    arithmetic, strategy and chunk size are chosen once, here (:mod:`replay.plan`): ``arithmetic``,
-    ``strategy`` and :meth:`rows_per_chunk` say which.
+    ``inputs`` ``[P, ...]`` and ``targets`` ``[P]`` / ``[P, C]``: the run's probe set. The plan
+    (:mod:`replay.plan`) is chosen here: ``arithmetic`` (the one the next snapshot starts with;
+    ``auto`` may move it on to ``fallback``), ``strategy`` and :meth:`rows_per_chunk`.
     """
 
     def __init__(self, spec: RunSpec, inputs: Tensor, targets: Tensor, config: ReplayConfig):
@@ -154,10 +200,10 @@ class Engine:
         model_dtype = next(self.model.parameters()).dtype
         self.facts = ModelFacts(
             num_params=sum(p.numel() for p in self.model.parameters()),
-            activations=_activations_per_sample(self.model, self._cast(inputs[:1], model_dtype)),
+            activations=activations_per_sample(self.model, self._cast(inputs[:1], model_dtype)),
             traceable=self.propagator is not None,
         )
-        self.arithmetic = choose_arithmetic(config.precision, self.device.type, self.facts.traceable)
+        self.arithmetic, self.fallback = choose_arithmetic(config.precision, self.facts.traceable)
         self.strategy = choose_strategy(config.strategy, self.device.type, self.facts, len(inputs))
 
     @property
@@ -173,8 +219,9 @@ class Engine:
     def replay_snapshot(self, snapshot: Snapshot) -> SnapshotResult:
         """All stored quantities of one snapshot (NaN, with a warning, for non-finite weights).
 
-        Raises :class:`ReplayError` when an arithmetic other than float64 cannot resolve the
-        output changes within the tolerance.
+        Raises :class:`ReplayError` when an arithmetic other than float64 (and not ``auto``'s
+        float32 difference, which gives way to its fallback) cannot resolve the output changes
+        within the tolerance.
         """
         where = f"snapshot step {snapshot.step}"
         check_state_matches(self.model, snapshot.params, where)
@@ -196,27 +243,17 @@ class Engine:
                 measures={m.name: nan(num_probes, num_probes) for m in self.measures},
                 amplification=nan(num_probes),
             )
-        exact = ARITHMETIC["float64"]
         with _no_tf32(self.device):
-            result = self._evaluate(snapshot, self.arithmetic, torch.arange(num_probes))
-            if self.arithmetic == exact:
-                result.error_estimate = (
-                    torch.finfo(torch.float64).eps * result.amplification.nanmedian().item()
-                )
-            else:
-                rows = torch.linspace(0, num_probes - 1, min(num_probes, CHECK_ROWS)).round().long().unique()
-                reference = self._evaluate(snapshot, exact, rows)
-                rounding = torch.finfo(torch.float64).eps * reference.amplification.nanmedian().item()
-                discrepancy = _relative_error(
-                    {k: v[rows] for k, v in result.measures.items()}, reference.measures
-                )
-                result.error_estimate = max(discrepancy, rounding)
+            result = self._replay(snapshot, self.arithmetic)
+            if self.fallback is not None and not result.error_estimate <= AUTO_TARGET:
+                self.arithmetic, self.fallback = self.fallback, None  # for this snapshot and the next
+                result = self._replay(snapshot, self.arithmetic)
         tolerance = self.config.tolerance
-        if self.arithmetic != exact and not result.error_estimate <= tolerance:
-            change = 1 / reference.amplification.nanmedian().item()
+        if self.arithmetic != EXACT and not result.error_estimate <= tolerance:
+            change = 1 / result.amplification.nanmedian().item()
             raise ReplayError(
-                f"{where}: {self.arithmetic.name} cannot resolve the output changes (they are "
-                f"about {change:.1g} of the outputs; estimated relative error {result.error_estimate:.2g} > "
+                f"{where}: {self.arithmetic.name} cannot resolve the output changes (they are about "
+                f"{change:.1g} of the outputs; estimated relative error {result.error_estimate:.2g} > "
                 f"tolerance {tolerance:g}); replay with --precision float64 (under another --name: a store "
                 "holds one configuration)"
             )
@@ -229,6 +266,26 @@ class Engine:
             )
         return result
 
+    def _replay(self, snapshot: Snapshot, arithmetic: Arithmetic) -> SnapshotResult:
+        """Every row of ``snapshot`` in ``arithmetic``, with its error estimate."""
+        result, kept = self._evaluate(snapshot, arithmetic)
+        eps = torch.finfo(torch.float64).eps
+        if arithmetic == EXACT:
+            result.error_estimate = eps * result.amplification.nanmedian().item()
+            return result
+        columns = torch.cat(
+            [kept.rows, torch.linspace(0, len(self.inputs) - 1, CHECK_COLUMNS).round().long()]
+        )
+        columns = columns.unique()  # sorted
+        reference = self._reference(snapshot, kept, columns)
+        discrepancy = _relative_error(
+            {k: v[kept.rows][:, columns] for k, v in result.measures.items()}, reference
+        )
+        # the reference's own error: float64 relative by propagation, the rounding model by a difference
+        own = eps if self.propagator is not None else eps * result.amplification.nanmedian().item()
+        result.error_estimate = max(discrepancy, own)
+        return result
+
     def _cast(self, t: Tensor, dtype: torch.dtype) -> Tensor:
         """A fresh copy of ``t`` on the replay device, floating point values in ``dtype``.
 
@@ -237,81 +294,143 @@ class Engine:
         """
         return t.to(self.device, dtype if t.is_floating_point() else t.dtype, copy=True)
 
-    def _buffers(self, snapshot: Snapshot, dtype: torch.dtype) -> dict[str, Tensor]:
-        """The model's buffers, overridden by the snapshot's."""
+    def _state(self, snapshot: Snapshot, dtype: torch.dtype) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The snapshot's parameters and the model's buffers (overridden by the snapshot's) in ``dtype``."""
+        params = {k: self._cast(snapshot.params[k], dtype) for k, _ in self.model.named_parameters()}
         own = dict(self.model.named_buffers())
         extra = sorted(set(snapshot.buffers) - set(own))
         if extra:
             raise RunDirError(f"snapshot step {snapshot.step}: buffers {extra[:3]} are not in the model")
-        return {k: self._cast(snapshot.buffers.get(k, v), dtype) for k, v in own.items()}
+        return params, {k: self._cast(snapshot.buffers.get(k, v), dtype) for k, v in own.items()}
 
-    def _rows(self, fn: Callable[[dict[str, Tensor]], Tensor], updates: dict[str, Tensor]) -> Tensor:
-        """``fn`` of each row of ``updates`` (name -> ``[B, *shape]``) -> ``[B, ...]``, by the strategy."""
-        if self.strategy == "vmap":
-            return vmap(fn)(updates)
-        return torch.stack(
-            [fn({k: u[b] for k, u in updates.items()}) for b in range(len(next(iter(updates.values()))))]
-        )
+    def _rows(
+        self, fn: Callable[[dict[str, Tensor]], dict[str, Tensor]], updates: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """``fn`` of each row of ``updates`` (name -> ``[B, *shape]``), its outputs (name -> ``[...]``)
+        stacked (name -> ``[B, ...]``), by the strategy: one vmapped call or a loop of calls."""
+        with warnings.catch_warnings():  # torch's forward-mode AD loads jit-scripted decompositions
+            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+            if self.strategy == "vmap":
+                return vmap(fn)(updates)
+            rows = [
+                fn({k: u[b] for k, u in updates.items()}) for b in range(len(next(iter(updates.values()))))
+            ]
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
-    def _evaluate(self, snapshot: Snapshot, arithmetic: Arithmetic, rows: Tensor) -> SnapshotResult:
-        """Measures of the updated probes ``rows`` ``[R]`` against all probes, in ``arithmetic``."""
-        exact, fast = arithmetic.exact, arithmetic.change
-        params = {k: self._cast(snapshot.params[k], exact) for k, _ in self.model.named_parameters()}
-        buffers = self._buffers(snapshot, exact)
+    def _changes(
+        self,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        x: Tensor,
+        base: Tensor,
+        dtype: torch.dtype,
+        propagate: bool,
+    ) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+        """The function of one update ``u`` (name -> ``[*shape]``, in ``dtype``) that gives what the
+        measures need of ``"finite"``, ``f(x; w + u) - f(x; w)``, and ``"linear"``, ``J . u``
+        (``[P, C]`` each, in ``dtype``): propagated by :mod:`replay.difference`, or as a difference of
+        two forward passes and ``torch.func.jvp``. ``params``, ``buffers``, ``x`` and ``base``
+        (``f(x; w)``): in the exact dtype."""
+        finite, linear = self._needs()
+        if propagate:
+            propagated = self.propagator.base(params, buffers, x, dtype)
+            return lambda u: self.propagator.change(propagated, u, finite, linear)
+        params = {k: v.to(dtype) for k, v in params.items()}
+        buffers, x = {k: v.to(dtype) for k, v in buffers.items()}, x.to(dtype)
+
+        def forward(p: dict[str, Tensor]) -> Tensor:  # f(x; p) [P, C]
+            return functional_call(self.model, (p, buffers), (x,))
+
+        base = base if base.dtype == dtype else forward(params)
+
+        def outputs(u: dict[str, Tensor]) -> dict[str, Tensor]:
+            moved = {k: params[k] + u[k] for k in params}
+            out = {"finite": forward(moved) - base} if finite else {}
+            return out | ({"linear": jvp(forward, (params,), (u,))[1]} if linear else {})
+
+        return outputs
+
+    def _needs(self) -> tuple[bool, bool]:
+        """Whether the measures need the finite change and the Jacobian-vector product."""
+        return any(not m.linear for m in self.measures), any(m.linear for m in self.measures)
+
+    def _measures(self, base: Tensor, changed: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+        """name -> ``S`` ``[B, J]`` from base outputs ``[J, C]`` and changes ``[B, J, C]`` (exact dtype);
+        ``rows`` ``[B]``: the column of each row's own probe."""
+        changes = {False: Changes(base, changed.get("finite")), True: Changes(base, changed.get("linear"))}
+        return {
+            m.name: ratio(m.numerator(changes[m.linear]), rows, self.config.ratio_eps) for m in self.measures
+        }
+
+    def _evaluate(self, snapshot: Snapshot, arithmetic: Arithmetic) -> tuple[SnapshotResult, _Kept]:
+        """Every row of ``snapshot`` in ``arithmetic``, and the updates of the ``CHECK_ROWS`` rows
+        with the largest amplification (none in float64)."""
+        exact, fast = arithmetic.exact, arithmetic.fast
+        params, buffers = self._state(snapshot, exact)
         x, y = self._cast(self.inputs, exact), self._cast(self.targets, exact)
-        params_fast = {k: v.to(fast) for k, v in params.items()}
-        buffers_fast, x_fast = {k: v.to(fast) for k, v in buffers.items()}, x.to(fast)
-
-        def forward(p: dict[str, Tensor]) -> Tensor:  # f(x; p) [P, C] in the change dtype
-            return functional_call(self.model, (p, buffers_fast), (x_fast,))
-
-        def moved(u: dict[str, Tensor]) -> Tensor:  # f(x; w + u) [P, C]
-            return forward({k: params_fast[k] + u[k] for k in params_fast})
-
-        def tangent(u: dict[str, Tensor]) -> Tensor:  # J . u [P, C]
-            return jvp(forward, (params_fast,), (u,))[1]
-
-        need_finite = any(not m.linear for m in self.measures)
-        need_linear = any(m.linear for m in self.measures)
-        base = functional_call(self.model, (params, buffers), (x,))  # [P, C] exact
-        if need_finite and arithmetic.propagate:
-            propagated = self.propagator.base(params, buffers, x)
-
-            def change(u: dict[str, Tensor]) -> Tensor:
-                return self.propagator.change(propagated, u)
-        elif need_finite:
-            base_fast = forward(params_fast)
-
-            def change(u: dict[str, Tensor]) -> Tensor:
-                return moved(u) - base_fast
-
+        base = functional_call(self.model, (params, buffers), (x,))  # [P, C]
+        need_finite = self._needs()[0]
+        outputs = self._changes(params, buffers, x, base, fast, arithmetic.propagate)
+        # cross-entropy: network in the fast dtype, loss in float64; squared losses: all exact
+        network = fast if self.loss == "cross_entropy" else exact
+        grad_params = {k: v.to(network) for k, v in params.items()}
+        grad_buffers, grad_x = {k: v.to(network) for k, v in buffers.items()}, x.to(network)
+        update_params = {k: v.to(fast) for k, v in params.items()}
+        keep = 0 if arithmetic == EXACT else CHECK_ROWS
+        kept = _Kept(
+            rows=torch.zeros(0, dtype=torch.long),
+            amplification=torch.zeros(0, dtype=exact),
+            updates={k: v.new_zeros((0, *v.shape)) for k, v in update_params.items()},
+        )
         norms, amplification, measures = [], [], {m.name: [] for m in self.measures}
-        for chunk in rows.to(self.device).split(self.rows_per_chunk(arithmetic.name)):
-            grads = per_sample_grads(self.model, self.loss, params, buffers, x[chunk], y[chunk])
+        for chunk in torch.arange(len(x)).split(self.rows_per_chunk(arithmetic.name)):
+            grads = per_sample_grads(
+                self.model,
+                self.loss,
+                grad_params,
+                grad_buffers,
+                grad_x[chunk],
+                y[chunk],
+                torch.float64,
+                self.strategy,
+            )
             try:
-                updates = self.update(params, grads, snapshot.optimizer)  # name -> [B, *shape]
+                updates = self.update(
+                    update_params, {k: g.to(fast) for k, g in grads.items()}, snapshot.optimizer
+                )
             except ReplayError as e:
                 raise ReplayError(f"snapshot step {snapshot.step}: {e}") from None
             del grads
-            norms.append(sum(u.flatten(1).square().sum(1) for u in updates.values()).sqrt())
-            updates = {k: u.to(fast) for k, u in updates.items()}
-            finite = self._rows(change, updates).to(exact) if need_finite else None  # [B, P, C]
-            with warnings.catch_warnings():  # torch's forward-mode AD loads jit-scripted decompositions
-                warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
-                linear = self._rows(tangent, updates).to(exact) if need_linear else None  # [B, P, C]
-            changes = {False: Changes(base, finite), True: Changes(base, linear)}
-            for m in self.measures:
-                numerator = m.numerator(changes[m.linear])  # [B, P]
-                measures[m.name].append(ratio(numerator, chunk, self.config.ratio_eps))
-            if finite is not None:
-                self_change = finite[torch.arange(len(chunk), device=self.device), chunk].abs().amax(-1)
+            norms.append(sum(u.flatten(1).to(exact).square().sum(1) for u in updates.values()).sqrt())
+            changed = {k: v.to(exact) for k, v in self._rows(outputs, updates).items()}  # [B, P, C]
+            for name, S in self._measures(base, changed, chunk.to(self.device)).items():
+                measures[name].append(S)
+            if need_finite:
+                self_change = changed["finite"][torch.arange(len(chunk)), chunk].abs().amax(-1)
                 amplification.append(base[chunk].abs().amax(-1) / self_change)
             else:
                 amplification.append(torch.ones(len(chunk), dtype=exact, device=self.device))
-        return SnapshotResult(
+            if keep:
+                kept = kept.merge(chunk, amplification[-1].cpu(), updates, keep)
+        result = SnapshotResult(
             base_outputs=base.cpu(),
             probe_loss=per_sample_loss(self.loss, base, y).cpu(),
             update_norm=torch.cat(norms).cpu(),
             measures={k: torch.cat(v).cpu() for k, v in measures.items()},
             amplification=torch.cat(amplification).cpu(),
         )
+        return result, kept
+
+    def _reference(self, snapshot: Snapshot, kept: _Kept, columns: Tensor) -> dict[str, Tensor]:
+        """The measures of the kept rows on the probes ``columns`` ``[J]`` in float64, from the kept
+        updates, the changes propagated by :mod:`replay.difference` (a difference for a model it cannot
+        trace): name -> ``[R, J]``."""
+        params, buffers = self._state(snapshot, torch.float64)
+        x = self._cast(self.inputs[columns], torch.float64)
+        base = functional_call(self.model, (params, buffers), (x,))  # [J, C]
+        # propagated, the reference has no cancellation: float64 relative error whatever the step
+        outputs = self._changes(params, buffers, x, base, torch.float64, self.propagator is not None)
+        updates = {k: v.to(torch.float64) for k, v in kept.updates.items()}
+        changed = self._rows(outputs, updates)
+        own = torch.searchsorted(columns, kept.rows)  # the column of each row's own probe
+        return {k: v.cpu() for k, v in self._measures(base, changed, own.to(self.device)).items()}

@@ -6,10 +6,16 @@ outputs ``f(x_j; w)`` ``[P, C]`` and the output changes ``delta`` ``[B, P, C]``,
 ``D[i, j] = f(x_j; w + U_i) - f(x_j; w)``, or for ``linear`` the Jacobian-vector product
 ``J_j . U_i``.
 
-Probability-space numerators are written in terms of ``delta`` (``log1p`` / ``expm1``) instead of
-as differences of two softmaxes, so that a tiny change keeps its relative precision:
-with ``p = softmax(base)`` and ``q = softmax(base + delta)``, ``log q - log p = delta - L`` where
-``L = log(sum_c p_c exp(delta_c)) = log1p(sum_c p_c expm1(delta_c))``.
+Probability-space numerators are written in terms of ``delta`` instead of as differences of two
+softmaxes, so that a tiny change keeps its relative precision. With ``p = softmax(base)``,
+``q = softmax(base + delta)`` and the centred change ``e = delta - sum_c p_c delta_c``
+(``sum_c p_c e_c = 0``):
+
+- ``KL(p || q) = K = log(sum_c p_c exp(e_c)) = log1p(sum_c p_c phi(e_c))``, ``phi(e) = exp(e) - 1 - e
+  >= 0``: a sum of non-negative terms, with ``phi`` from its Taylor series for small ``e``, so ``K``
+  (second order in ``delta``) keeps full relative precision however small the change;
+- ``log q - log p = e - K``, ``q - p = p * expm1(e - K)``;
+- ``KL(q || p) = sum_c q_c (e_c - K) = exp(-K) sum_c p_c e_c expm1(e_c) - K``.
 """
 
 from __future__ import annotations
@@ -37,14 +43,36 @@ class Changes:
         return torch.softmax(self.base, dim=-1)
 
     @cached_property
-    def shift(self) -> Tensor:
-        """``L = log(sum_c p_c exp(delta_c)) = log1p(sum_c p_c expm1(delta_c))`` ``[B, P, 1]``."""
-        return torch.log1p((self.p * torch.expm1(self.delta)).sum(-1, keepdim=True))
+    def centred(self) -> Tensor:
+        """``e = delta - sum_c p_c delta_c`` ``[B, P, C]``."""
+        return self.delta - (self.p * self.delta).sum(-1, keepdim=True)
+
+    @cached_property
+    def kl(self) -> Tensor:
+        """``K = KL(p || q) = log1p(sum_c p_c phi(e_c))`` ``[B, P]``."""
+        return torch.log1p((self.p * _phi(self.centred)).sum(-1))
 
     @cached_property
     def log_ratio(self) -> Tensor:
-        """``log q - log p = delta - L`` ``[B, P, C]``, ``q = softmax(base + delta)``."""
-        return self.delta - self.shift
+        """``log q - log p = e - K`` ``[B, P, C]``."""
+        return self.centred - self.kl[..., None]
+
+    @cached_property
+    def q(self) -> Tensor:
+        """``q = softmax(base + delta) = p * exp(e - K)`` ``[B, P, C]``."""
+        return self.p * torch.exp(self.log_ratio)
+
+    @cached_property
+    def prob_change(self) -> Tensor:
+        """``q - p = p * expm1(e - K)`` ``[B, P, C]`` (no cancellation)."""
+        return self.p * torch.expm1(self.log_ratio)
+
+
+def _phi(e: Tensor) -> Tensor:
+    """``exp(e) - 1 - e`` to full relative precision: its Taylor series up to ``e^6`` where
+    ``|e| < 0.01`` (truncation below 1e-13 relative), ``expm1(e) - e`` elsewhere."""
+    series = e * e * (1 / 2 + e * (1 / 6 + e * (1 / 24 + e * (1 / 120 + e / 720))))
+    return torch.where(e.abs() < 0.01, series, torch.expm1(e) - e)
 
 
 @dataclass(frozen=True)
@@ -57,31 +85,38 @@ class Measure:
     linear: bool = False  # delta is the Jacobian-vector product, not the finite change
 
 
-def _norm(ord: int) -> Callable[[Changes], Tensor]:
-    """``||delta||_ord`` over outputs (logits or raw outputs)."""
-    return lambda c: torch.linalg.vector_norm(c.delta, ord=ord, dim=-1)
+def _l2(t: Tensor) -> Tensor:
+    return t.square().sum(-1).sqrt()
 
 
-def _probs_norm(ord: int) -> Callable[[Changes], Tensor]:
-    """``||softmax(base + delta) - softmax(base)||_ord``, as ``p * expm1(delta - L)``."""
-    return lambda c: torch.linalg.vector_norm(c.p * torch.expm1(c.log_ratio), ord=ord, dim=-1)
+def _l1(t: Tensor) -> Tensor:
+    return t.abs().sum(-1)
+
+
+def _norm(norm: Callable[[Tensor], Tensor]) -> Callable[[Changes], Tensor]:
+    """``||delta||`` over outputs (logits or raw outputs)."""
+    return lambda c: norm(c.delta)
+
+
+def _probs_norm(norm: Callable[[Tensor], Tensor]) -> Callable[[Changes], Tensor]:
+    """``||softmax(base + delta) - softmax(base)||``, as ``p * expm1(delta - L)``."""
+    return lambda c: norm(c.prob_change)
 
 
 def _kl(c: Changes) -> Tensor:
-    """``KL(p || q) = sum_c p_c (log p_c - log q_c) = L - sum_c p_c delta_c``."""
-    return c.shift[..., 0] - (c.p * c.delta).sum(-1)
+    """``KL(p || q) = sum_c p_c (log p_c - log q_c)`` (see the module docstring)."""
+    return c.kl
 
 
 def _kl_reverse(c: Changes) -> Tensor:
-    """``KL(q || p) = sum_c q_c (delta_c - L)``."""
-    return (c.p * torch.exp(c.log_ratio) * c.log_ratio).sum(-1)
+    """``KL(q || p) = exp(-K) sum_c p_c e_c expm1(e_c) - K``."""
+    return torch.exp(-c.kl) * (c.p * c.centred * torch.expm1(c.centred)).sum(-1) - c.kl
 
 
 def _seed_kl(c: Changes) -> Tensor:
     """The paper's code, ``kl_div(softmax(new), softmax(old))`` per pair:
     ``mean_c p_c (log p_c - q_c)`` (probabilities ``q`` used as if they were log-probabilities)."""
-    q = torch.softmax(c.base + c.delta, dim=-1)
-    return (torch.xlogy(c.p, c.p) - c.p * q).mean(-1)
+    return (torch.xlogy(c.p, c.p) - c.p * c.q).mean(-1)
 
 
 _CLS, _REG, _ALL = ("classification",), ("regression",), ("classification", "regression")
@@ -89,16 +124,16 @@ _CLS, _REG, _ALL = ("classification",), ("regression",), ("classification", "reg
 MEASURES: dict[str, Measure] = {
     m.name: m
     for m in (
-        Measure("orig_logits_l2", _norm(2), _CLS),
-        Measure("orig_logits_l1", _norm(1), _CLS),
-        Measure("orig_probs_l2", _probs_norm(2), _CLS),
-        Measure("orig_probs_l1", _probs_norm(1), _CLS),
+        Measure("orig_logits_l2", _norm(_l2), _CLS),
+        Measure("orig_logits_l1", _norm(_l1), _CLS),
+        Measure("orig_probs_l2", _probs_norm(_l2), _CLS),
+        Measure("orig_probs_l1", _probs_norm(_l1), _CLS),
         Measure("kl", _kl, _CLS),
         Measure("kl_reverse", _kl_reverse, _CLS),
         Measure("seed_kl", _seed_kl, _CLS),
-        Measure("orig_outputs_l2", _norm(2), _REG),
-        Measure("orig_outputs_l1", _norm(1), _REG),
-        Measure("linear", _norm(2), _ALL, linear=True),
+        Measure("orig_outputs_l2", _norm(_l2), _REG),
+        Measure("orig_outputs_l1", _norm(_l1), _REG),
+        Measure("linear", _norm(_l2), _ALL, linear=True),
     )
 }
 

@@ -1,13 +1,10 @@
 """How the engine runs one snapshot: its arithmetic, its strategy and its chunk size.
 
-- **Arithmetic** (from the configured precision, :data:`ARITHMETIC`): ``float64`` (everything in
-  float64, the reference), ``float32`` (everything in float32: the plain difference of two
-  forward passes, whose error the engine checks), ``mixed`` (gradients, updates, base outputs and
-  measures in float64; the output changes by the float32 change propagation of
-  :mod:`replay.difference`, and the ``linear`` measure's Jacobian-vector products in float32).
-  ``auto`` (:func:`choose_arithmetic`) takes ``float64`` on a CPU, where float64 costs about 1.7
-  times float32 and needs half the operations of ``mixed``, and ``mixed`` on a GPU, where float64
-  is slow; both resolve any step to far better than 1e-3.
+- **Arithmetic** (:data:`ARITHMETIC`; what each computes in which dtype is in
+  :mod:`replay.engine`): ``float64``, ``float32``, ``difference32`` and ``mixed``. A configured
+  precision names one of them, except ``auto`` (:func:`choose_arithmetic`), which starts with
+  ``difference32`` (as cheap as float32) and gives way to ``mixed`` (or ``float64`` for models
+  ``torch.fx`` cannot trace) once a snapshot's estimated error is too large.
 - **Strategy** (:func:`choose_strategy`): ``vmap`` evaluates a block of ``B`` updated probes at
   once, vmapped over stacked weight copies (one batched call per layer: wins when one probe's
   work is small and per-call overhead dominates); ``loop`` makes one plain functional call per
@@ -27,25 +24,27 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor, nn
 
 from replay.config import ReplayError
 
 
 @dataclass(frozen=True)
 class Arithmetic:
-    """The dtypes of one arithmetic: ``exact`` for gradients, updates, base outputs and measures;
-    ``change`` for the output changes and tangents; ``propagate``: changes by
-    :mod:`replay.difference` instead of the difference of two forward passes."""
+    """The dtypes of one arithmetic: ``exact`` for the base outputs, probe losses, per-sample
+    gradients and measures; ``fast`` for the updates, output changes and tangents; ``propagate``:
+    output changes by :mod:`replay.difference` instead of the difference of two forward passes."""
 
     name: str
     exact: torch.dtype
-    change: torch.dtype
+    fast: torch.dtype
     propagate: bool
 
 
 ARITHMETIC = {
     "float64": Arithmetic("float64", torch.float64, torch.float64, False),
     "float32": Arithmetic("float32", torch.float32, torch.float32, False),
+    "difference32": Arithmetic("difference32", torch.float64, torch.float32, False),
     "mixed": Arithmetic("mixed", torch.float64, torch.float32, True),
 }
 STRATEGIES = ("vmap", "loop")
@@ -70,15 +69,15 @@ class ModelFacts:
     traceable: bool
 
 
-def choose_arithmetic(precision: str, device_type: str, traceable: bool) -> Arithmetic:
-    """The arithmetic of a configured ``precision`` (``auto``: see the module docstring)."""
+def choose_arithmetic(precision: str, traceable: bool) -> tuple[Arithmetic, Arithmetic | None]:
+    """The arithmetic a configured ``precision`` starts with, and the one it gives way to when its
+    estimated error is too large (``auto`` only: ``difference32``, then ``mixed``, or ``float64``
+    for a model that ``torch.fx`` cannot trace)."""
     if precision == "auto":
-        precision = "mixed" if device_type == "cuda" and traceable else "float64"
+        return ARITHMETIC["difference32"], ARITHMETIC["mixed" if traceable else "float64"]
     if precision == "mixed" and not traceable:
-        raise ReplayError(
-            "precision 'mixed' needs a model that torch.fx can trace; use --precision float64"
-        )
-    return ARITHMETIC[precision]
+        raise ReplayError("precision 'mixed' needs a model that torch.fx can trace; use --precision float64")
+    return ARITHMETIC[precision], None
 
 
 def choose_strategy(strategy: str, device_type: str, facts: ModelFacts, num_probes: int) -> str:
@@ -94,16 +93,16 @@ def rows_per_chunk(
 ) -> int:
     """How many updated probes fit the memory ``budget`` (bytes) at once (at least one).
 
-    Per updated probe: ``PARAM_COPIES`` parameter copies in the exact dtype, and, with ``vmap``,
-    ``ACTIVATION_COPIES`` activation copies of all ``P + 1`` probes in the change dtype. Shared by
-    the block: with ``loop``, one probe's activations; with ``propagate``, the base values of
-    every node (float64 and float32).
+    Per updated probe: ``PARAM_COPIES`` parameter copies and, with ``vmap``, ``ACTIVATION_COPIES``
+    activation copies of all ``P + 1`` probes, in the fast dtype. Shared by the block: with
+    ``loop``, one probe's activation copies; with ``propagate``, the base values of every node
+    (exact and fast dtype).
     """
-    exact, change = arithmetic.exact.itemsize, arithmetic.change.itemsize
-    activations = ACTIVATION_COPIES * (num_probes + 1) * facts.activations * change
-    per_row = PARAM_COPIES * facts.num_params * exact + (activations if strategy == "vmap" else 0)
+    exact, fast = arithmetic.exact.itemsize, arithmetic.fast.itemsize
+    activations = ACTIVATION_COPIES * (num_probes + 1) * facts.activations * fast
+    per_row = PARAM_COPIES * facts.num_params * fast + (activations if strategy == "vmap" else 0)
     shared = (activations if strategy == "loop" else 0) + (
-        num_probes * facts.activations * (exact + change) if arithmetic.propagate else 0
+        num_probes * facts.activations * (exact + fast) if arithmetic.propagate else 0
     )
     return max(1, min(num_probes, (budget - shared) // per_row))
 
@@ -118,3 +117,21 @@ def default_memory_budget(device: torch.device) -> int:
         except (ValueError, OSError, AttributeError):
             free = 4 << 30
     return free // 4
+
+
+def activations_per_sample(model: nn.Module, x: Tensor) -> int:
+    """Values output by the leaf modules of ``model`` for one input ``x`` ``[1, ...]``."""
+    total = 0
+
+    def count(module: nn.Module, args: object, out: object) -> None:
+        nonlocal total
+        total += out.numel() if isinstance(out, Tensor) else 0
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if not any(m.children())]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total

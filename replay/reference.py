@@ -11,6 +11,7 @@ import copy
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recorder.losses import batch_loss
@@ -50,3 +51,21 @@ def plain_changes(
         with torch.no_grad():
             rows.append(clone(x))
     return base, torch.stack(rows)
+
+
+def plain_measures(base: Tensor, new: Tensor, eps: float = 1e-8) -> dict[str, Tensor]:
+    """Every classification measure by its textbook formula from base ``[P, C]`` and new outputs
+    ``[P, P, C]``: name -> ``S`` ``[P, P]``, ``S[i, j] = N[i, j] / (N[i, i] + eps)``."""
+    p, q = base.softmax(-1).expand_as(new), new.softmax(-1)
+    log_p, log_q = base.log_softmax(-1).expand_as(new), new.log_softmax(-1)
+    numerators = {
+        "orig_logits_l2": (new - base).norm(dim=-1),
+        "orig_logits_l1": (new - base).abs().sum(-1),
+        "orig_probs_l2": (q - p).norm(dim=-1),
+        "orig_probs_l1": (q - p).abs().sum(-1),
+        "kl": (p * (log_p - log_q)).sum(-1),
+        "kl_reverse": (q * (log_q - log_p)).sum(-1),
+        # the paper's call, kl_div(softmax(new), softmax(old)) with its default mean reduction, per pair
+        "seed_kl": F.kl_div(q, p, reduction="none").mean(-1),
+    }
+    return {name: N / (N.diagonal()[:, None] + eps) for name, N in numerators.items()}

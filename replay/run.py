@@ -23,8 +23,10 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -32,14 +34,18 @@ from torch import nn
 from tqdm import tqdm
 
 from recorder.models import build_model, check_state_matches
-from recorder.runfiles import CorruptSnapshotError, RunDir, RunDirError, Snapshot, SnapshotEntry
+from recorder.runfiles import CorruptSnapshotError, RunDir, RunDirError, Snapshot, SnapshotEntry, is_number
 from replay.config import ReplayConfig, ReplayWarning
 from replay.distributed import Ranks, join
 from replay.engine import Engine
 from replay.store import ReplayStore, exclusive_writer
 from replay.updates import check_optimizer
 
+T = TypeVar("T")
+# What the ``recorded`` rule reads from a snapshot's optimizer record (SGD, Adam, AdamW):
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")  # shaped like the parameter
+_NUMBERS = ("lr", "eps", "weight_decay", "momentum", "dampening")  # group hyperparameters
+_FLAGS = ("amsgrad", "nesterov", "maximize", "decoupled_weight_decay")
 
 
 def replay(
@@ -70,84 +76,111 @@ def replay(
 
 def _replay(run_dir: Path, config: ReplayConfig, ranks: Ranks, progress: bool, skip_corrupt: bool) -> Path:
     start = time.perf_counter()
-    error = None
-    try:
-        run = RunDir(run_dir)
-        inputs, targets, model = _check_run(run, config, skip_corrupt)
-        engine = Engine(run.spec, inputs, targets, config)
-    except Exception as e:  # noqa: BLE001 - shared with the other ranks by agree()
-        error = e
-    ranks.agree(error)
-    # A recorder may still be appending to the manifest: every rank uses the same prefix.
+    run, inputs, targets, model = _agreed(ranks, lambda: _check_run(RunDir(run_dir), config, skip_corrupt))
+    engine = _agreed(ranks, lambda: Engine(run.spec, inputs, targets, config))
+    # A recorder may still be appending to the manifest: every rank takes the same prefix.
     entries = run.manifest[: int(ranks.reduce([len(run.manifest)], "min")[0])]
     path = run.path / f"{config.store_name}.zarr"
     store_args = (path, config, run.spec, entries, targets, engine.measure_names)
     with ExitStack() as held:
-        store = None
-        try:
-            if ranks.main:
-                held.enter_context(exclusive_writer(path))
-                store = ReplayStore.prepare(*store_args)
-        except Exception as e:  # noqa: BLE001
-            error = e
-        ranks.agree(error)
-        try:
-            if not ranks.main:
-                store = ReplayStore.attach(*store_args)
-        except Exception as e:  # noqa: BLE001
-            error = e
-        ranks.agree(error)  # every rank has read ``done`` before any writes
 
+        def prepare() -> ReplayStore:
+            held.enter_context(exclusive_writer(path))  # until the end of the replay
+            return ReplayStore.prepare(*store_args)
+
+        prepared = _agreed(ranks, prepare if ranks.main else lambda: None)
+        store = _agreed(ranks, lambda: prepared or ReplayStore.attach(*store_args))
+        # Every rank has read ``done`` by now, before any rank writes.
         todo = [s for s in range(len(entries)) if not store.done[s]]
-        mine = ranks.shard(todo)
-        skipped, errors = 0, []
-        try:
-            label = f"replay {config.store_name}" + (
-                f" (rank 0 of {ranks.world_size})" if ranks.world_size > 1 else ""
-            )
-            for s in tqdm(mine, desc=label, unit="snapshot", disable=not progress or not ranks.main):
-                try:
-                    snapshot = _load(run, entries[s], model, config)
-                except CorruptSnapshotError as e:
-                    if not skip_corrupt:
-                        raise CorruptSnapshotError(
-                            f"{e}; rerun with --skip-corrupt to replay the others"
-                        ) from None
-                    warnings.warn(f"{e}; skipped, not done", ReplayWarning, stacklevel=2)
-                    skipped += 1
-                    continue
-                result = engine.replay_snapshot(snapshot)
-                store.write(s, result)
-                errors.append(result.error_estimate)
-        except Exception as e:  # noqa: BLE001
-            error = e
-        ranks.agree(error)
-        worst = max((e for e in errors if not math.isnan(e)), default=-math.inf)
-        (replayed, skipped), (worst,) = (
-            ranks.reduce([len(errors), skipped], "sum"),
-            ranks.reduce([worst], "max"),
+        label = f"replay {config.store_name}" + (
+            f" (rank 0 of {ranks.world_size})" if ranks.world_size > 1 else ""
         )
+        errors, skipped = _agreed(
+            ranks,
+            lambda: _replay_share(
+                run,
+                entries,
+                ranks.shard(todo),
+                model,
+                engine,
+                config,
+                store,
+                skip_corrupt,
+                label if progress and ranks.main else None,
+            ),
+        )
+        worst = max((e for e in errors if not math.isnan(e)), default=-math.inf)
+        replayed, skipped = ranks.reduce([len(errors), skipped], "sum")
+        (worst,) = ranks.reduce([worst], "max")
         if progress and ranks.main:
             done = store.read_done()
-            where = f" on {ranks.world_size} ranks" if ranks.world_size > 1 else ""
             print(
                 f"replayed {int(replayed)} snapshots ({len(entries) - len(todo)} already done"
-                f"{f', {int(skipped)} skipped as corrupt' if skipped else ''}) in "
-                f"{time.perf_counter() - start:.1f}s{where}, {config.precision}, largest estimated error "
-                f"{worst if worst > -math.inf else math.nan:.1g}, {int(np.sum(done))}/{len(done)} done -> {path}"
+                f"{f', {int(skipped)} skipped as corrupt' if skipped else ''}) in {time.perf_counter() - start:.1f}s"
+                f"{f' on {ranks.world_size} ranks' if ranks.world_size > 1 else ''}, {config.precision}, largest "
+                f"estimated error {worst if worst > -math.inf else math.nan:.1g}, {int(np.sum(done))}/{len(done)} "
+                f"done -> {path}"
             )
     return path
 
 
+def _agreed(ranks: Ranks, fn: Callable[[], T]) -> T:
+    """``fn()`` on this rank, then :meth:`~replay.distributed.Ranks.agree`: raises on every rank
+    when ``fn`` failed on any."""
+    error = result = None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - shared with the other ranks, then raised
+        error = e
+    ranks.agree(error)
+    return result
+
+
+def _replay_share(
+    run: RunDir,
+    entries: list[SnapshotEntry],
+    share: list[int],
+    model: nn.Module,
+    engine: Engine,
+    config: ReplayConfig,
+    store: ReplayStore,
+    skip_corrupt: bool,
+    label: str | None,
+) -> tuple[list[float], int]:
+    """Replay and store the snapshots ``share`` (indices into ``entries``) with a progress bar
+    ``label`` (None: none). Returns their error estimates and how many were skipped as corrupt."""
+    errors, skipped = [], 0
+    for s in tqdm(share, desc=label, unit="snapshot", disable=label is None):
+        try:
+            snapshot = _load(run, entries[s], model, config)
+        except CorruptSnapshotError as e:
+            if not skip_corrupt:
+                raise CorruptSnapshotError(f"{e}; rerun with --skip-corrupt to replay the others") from None
+            warnings.warn(f"{e}; skipped, not done", ReplayWarning, stacklevel=2)
+            skipped += 1
+            continue
+        result = engine.replay_snapshot(snapshot)
+        store.write(s, result)
+        errors.append(result.error_estimate)
+    return errors, skipped
+
+
 def _check_run(
     run: RunDir, config: ReplayConfig, skip_corrupt: bool
-) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
-    """Probe inputs and targets, and the run's model (on the CPU, for checking snapshots), after
-    checking that they fit each other and the first readable snapshot. Reads, never writes."""
+) -> tuple[RunDir, torch.Tensor, torch.Tensor, nn.Module]:
+    """``run``, its probe inputs and targets, and its model (on the CPU, for checking snapshots),
+    after checking that they fit each other and the first readable snapshot. Reads, never writes."""
     if not run.manifest:
         raise RunDirError(f"{run.path}: no snapshots recorded yet")
     inputs, targets = run.probes()
     spec = run.spec
+    if spec.task == "classification" and len(classes := targets.unique()) < 2:
+        warnings.warn(
+            f"{run.path / 'probes.safetensors'}: every probe is of class {int(classes[0])}, so the class-pair "
+            "analyses (same- against cross-class pairs) are undefined",
+            ReplayWarning,
+            stacklevel=2,
+        )
     with torch.random.fork_rng(devices=[]):  # building a model draws from the global generator
         try:
             model = build_model(spec.model).eval()
@@ -158,9 +191,12 @@ def _check_run(
                 f"{run.path / 'spec.json'}: model {spec.model.factory!r} cannot be built "
                 f"from {spec.model.kwargs} ({type(e).__name__}: {e})"
             ) from None
-    x = inputs[:1]
-    if x.is_floating_point():
-        x = x.to(next(model.parameters()).dtype)
+    weights = list(model.parameters())
+    if not weights:
+        raise RunDirError(
+            f"{run.path / 'spec.json'}: model {spec.model.factory!r} has no parameters to update"
+        )
+    x = inputs[:1].to(weights[0].dtype) if inputs.is_floating_point() else inputs[:1]
     try:
         with torch.no_grad():
             outputs = model(x)
@@ -181,17 +217,30 @@ def _check_run(
         except CorruptSnapshotError:
             if not skip_corrupt:
                 raise
-    return inputs, targets, model
+    return run, inputs, targets, model
 
 
 def _load(run: RunDir, entry: SnapshotEntry, model: nn.Module, config: ReplayConfig) -> Snapshot:
     """Read the snapshot of ``entry`` and check that it fits ``model`` (names and shapes of the
-    weights, and of the optimizer state the ``recorded`` rule uses)."""
+    weights), and for the ``recorded`` rule that its optimizer record is one the rule can use
+    (state shaped like the parameters, hyperparameters of the right types)."""
     snapshot = run.load_snapshot(entry)
     where = f"{run.path / entry.file} (step {entry.step})"
     check_state_matches(model, snapshot.params, where)
     if config.update.rule == "recorded":
         check_optimizer(snapshot.optimizer, where)
+        for group in snapshot.optimizer.groups:
+            betas = group.get("betas", (0.0, 0.0))
+            if not (
+                all(is_number(group[k]) for k in _NUMBERS if k in group)
+                and all(isinstance(group[k], bool) for k in _FLAGS if k in group)
+                and isinstance(betas, list | tuple)
+                and len(betas) == 2
+                and all(is_number(b) for b in betas)
+            ):
+                raise RunDirError(
+                    f"{where}: malformed optimizer hyperparameters { ({k: group[k] for k in group if k != 'params'}) }"
+                )
         for name, state in snapshot.optimizer.state.items():
             for key in _STATE_KEYS:
                 if (

@@ -249,6 +249,8 @@ def exclusive_writer(path: Path) -> Iterator[None]:
                 f"{path}: another replay ({holder}) is writing this store now; wait for it to "
                 "finish, or replay into another --name"
             ) from None
+        except OSError as e:  # a file system without locks
+            raise ReplayError(f"{lock}: cannot lock the replay store ({e.strerror})") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield

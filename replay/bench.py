@@ -1,0 +1,498 @@
+"""The benchmark behind ``cli.py bench``: the engine against the paper's procedure, on one snapshot.
+
+For each case (a built-in model, a snapshot of it after a little training, ``P`` probes) it
+times, in one process and on the same snapshot and probes:
+
+- **loop**: the paper's procedure as the project implements it (:mod:`replay.reference`): per
+  probe a deep copy, a fresh ``torch.optim`` optimizer, one step, all probes evaluated; float32,
+  as the paper ran it; then the measures from their textbook formulas;
+- **floor**: one float32 forward pass over all ``P x P`` (probe, probe) pairs at shared weights,
+  the arithmetic no replay can avoid;
+- **engine**: :class:`~replay.engine.Engine` in every arithmetic (``float64``, ``mixed``,
+  ``float32``) and strategy (``vmap``, ``loop``), and the plan it chooses by itself (``auto``).
+
+It prints the time of each (median of ``repeats`` runs after a warm-up), the ratios loop /
+engine and engine / floor, the peak memory, and the precision reached: the relative Frobenius
+error of the ``orig`` and ``kl`` matrices against the float64 engine. It checks that the
+chosen plan is the fastest of the candidates that meet the precision bar (1e-3), and reports
+the recorder's overhead on training steps and how the cost grows with ``P`` and with the
+number of snapshots.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import math
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from recorder.losses import batch_loss
+from recorder.models import build_model
+from recorder.recorder import Recorder
+from recorder.runfiles import ModelSpec, RunSpec, Snapshot
+from recorder.schedule import Schedule
+from replay.config import ReplayConfig, UpdateConfig
+from replay.engine import Engine
+from replay.plan import ARITHMETIC, STRATEGIES, activations_per_sample
+from replay.reference import plain_changes, plain_measures
+
+PRECISION_BAR = 1e-3
+COMPARED = ("orig_logits_l2", "orig_probs_l2", "kl")  # the measures whose error is reported
+# what the loop computes: every classification measure but 'linear' (a Jacobian-vector product)
+FINITE = ("orig_logits_l2", "orig_logits_l1", "orig_probs_l2", "orig_probs_l1", "kl", "kl_reverse", "seed_kl")
+DEFAULT_PROBES = {
+    "cpu": {"digits": 100, "small_cnn": 100, "resnet18": 8, "mlp_large": 500},
+    "cuda": {"digits": 100, "small_cnn": 100, "resnet18": 60, "resnet18_240": 240, "mlp_large": 1020},
+}
+SCALING_PROBES = (20, 50, 100, 200, 400)
+SCALING_SNAPSHOTS = (1, 4, 16)
+
+
+@dataclass
+class Case:
+    """One benchmark case: a run spec, a snapshot and ``P`` probes (inputs ``[P, ...]``, classes ``[P]``)."""
+
+    name: str
+    spec: RunSpec
+    snapshot: Snapshot
+    inputs: Tensor
+    targets: Tensor
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def _digits(per_class: int, image: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The digits preset's training data and ``per_class`` probes of each class (images ``[N, 1, 8, 8]``
+    when ``image``, else ``[N, 64]``)."""
+    from recorder.presets.digits import DigitsConfig, load_data, probe_set
+
+    x, y, _, _ = load_data(DigitsConfig())
+    px, py = probe_set(x, y, per_class, seed=0)
+    if image:
+        x, px = x.view(-1, 1, 8, 8), px.view(-1, 1, 8, 8)
+    return x, y, px, py
+
+
+def _blobs(num: int, per_class: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Random 3x32x32 images whose mean depends on the class (3 classes): ``[N, 3, 32, 32]``, ``[N]``."""
+    labels = torch.arange(3).repeat_interleave(per_class)[:num] if per_class else torch.randint(3, (num,))
+    images = torch.randn((len(labels), 3, 32, 32), generator=generator)
+    return images + 0.5 * (labels.float() - 1).view(-1, 1, 1, 1), labels
+
+
+def _train(model: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float) -> None:
+    """``steps`` Adam steps on random mini-batches of 32 (so that the snapshot is not the initialization)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        batch = torch.randint(len(x), (32,), generator=generator)
+        optimizer.zero_grad()
+        batch_loss("cross_entropy", model(x[batch]), y[batch]).backward()
+        optimizer.step()
+
+
+def make_case(name: str, num_probes: int) -> Case:
+    """The case ``name`` (``digits``, ``small_cnn``, ``mlp_large``, ``resnet18``, ``resnet18_240``)
+    with about ``num_probes`` probes (a multiple of the number of classes)."""
+    torch.manual_seed(0)
+    if name in ("digits", "mlp_large", "small_cnn"):
+        image = name == "small_cnn"
+        x, y, px, py = _digits(max(1, num_probes // 10), image)
+        kwargs = (
+            {"in_channels": 1, "width": 16, "image_size": 8}
+            if image
+            else {"in_features": 64, "hidden": [128]}
+        )
+        model_spec = ModelSpec("small_cnn" if image else "mlp", {"num_outputs": 10, **kwargs})
+        model = build_model(model_spec)
+        _train(model, x, y, steps=100, lr=1e-3)
+    elif name.startswith("resnet18"):
+        generator = torch.Generator().manual_seed(0)
+        x, y = _blobs(96, 0, generator)
+        px, py = _blobs(num_probes, -(-num_probes // 3), generator)
+        model_spec = ModelSpec("resnet18_nonorm", {"num_outputs": 3})
+        model = build_model(model_spec)
+        _train(model, x, y, steps=3, lr=1e-4)
+    else:
+        raise ValueError(
+            f"unknown case {name!r}; known: digits, small_cnn, mlp_large, resnet18, resnet18_240"
+        )
+    spec = RunSpec(
+        model_spec, task="classification", loss="cross_entropy", num_outputs=10 if "resnet" not in name else 3
+    )
+    snapshot = Snapshot(
+        step=0,
+        params={k: v.detach().clone() for k, v in model.named_parameters()},
+        buffers={k: v.detach().clone() for k, v in model.named_buffers()},
+        optimizer=None,
+    )
+    return Case(name, spec, snapshot, px, py)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _release_free_memory() -> None:
+    """Hand the C allocator's free memory back to the system (glibc), so that the resident set
+    grows again with what a block allocates."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory above the start of the block, in bytes: the CUDA allocator's peak on a GPU,
+    the resident set size sampled every millisecond on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss() - self._start)
+            self._stop.wait(0.001)
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            _release_free_memory()
+            self._start, self._stop = self._rss(), threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._start
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, int, Any]:
+    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call, the peak memory of the
+    warm-up call (bytes) and the last result."""
+    with PeakMemory(device) as memory:
+        result = fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), memory.peak, result
+
+
+def relative_error(measures: dict[str, Tensor], reference: dict[str, Tensor]) -> float:
+    """Largest over :data:`COMPARED` of ``||S - S_ref||_F / ||S_ref||_F`` (finite reference entries)."""
+    errors = []
+    for name in COMPARED:
+        ref = reference[name].double()
+        finite = torch.isfinite(ref)
+        diff = torch.where(finite, measures[name].double().cpu() - ref, 0).norm()
+        errors.append((diff / torch.where(finite, ref, 0).norm()).item())
+    return max(errors)
+
+
+def _optimizer(update: UpdateConfig) -> Callable[[nn.Module], torch.optim.Optimizer]:
+    """The real optimizer whose single step is the update rule ``update`` (sgd or adam-fresh)."""
+    if update.rule == "sgd":
+        return lambda m: torch.optim.SGD(m.parameters(), lr=update.lr, weight_decay=update.weight_decay)
+    return lambda m: torch.optim.Adam(m.parameters(), lr=update.lr, betas=update.betas, eps=update.eps)
+
+
+def loop_measures(case: Case, update: UpdateConfig, device: torch.device) -> dict[str, Tensor]:
+    """The paper's procedure in float32 (:func:`replay.reference.plain_changes`) and its measures."""
+    model = build_model(case.spec.model).eval().to(device)
+    model.load_state_dict(case.snapshot.params | case.snapshot.buffers)
+    x, y = case.inputs.to(device), case.targets.to(device)
+    return plain_measures(*plain_changes(model, _optimizer(update), case.spec.loss, x, y))
+
+
+def floor(case: Case, device: torch.device, budget: int) -> Tensor:
+    """One float32 forward pass over all ``P x P`` pairs at the snapshot's weights -> ``[P * P, C]``,
+    in blocks of whole copies of the probe set within ``budget`` bytes."""
+    model = build_model(case.spec.model).eval().to(device)
+    params = {k: v.to(device) for k, v in (case.snapshot.params | case.snapshot.buffers).items()}
+    x = case.inputs.to(device)
+    per_copy = 4 * len(x) * activations_per_sample(model, x[:1]) * 2
+    copies = max(1, min(len(x), budget // per_copy))
+    with torch.no_grad():
+        return torch.cat(
+            [
+                functional_call(model, params, (x.repeat(min(copies, len(x) - start), *[1] * (x.dim() - 1)),))
+                for start in range(0, len(x), copies)
+            ]
+        )
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def bench_case(
+    case: Case, update: UpdateConfig, device: torch.device, repeats: int, memory_budget: int | None
+) -> dict[str, Any]:
+    """Time loop, floor, the engine's own plan and every other arithmetic and strategy on ``case``;
+    see the module docstring."""
+    base = ReplayConfig(
+        update, measures=FINITE, device=str(device), memory_budget=memory_budget, tolerance=math.inf
+    )
+    configs = {"auto": replace(base, precision="auto")} | {
+        f"{arithmetic}/{strategy}": replace(base, precision=arithmetic, strategy=strategy)
+        for arithmetic in ARITHMETIC
+        for strategy in STRATEGIES
+    }
+    candidates, results = {}, {}
+    for key, config in configs.items():
+        engine = Engine(case.spec, case.inputs, case.targets, config)
+        seconds, memory, results[key] = timed(
+            lambda e=engine: e.replay_snapshot(case.snapshot), device, repeats
+        )
+        candidates[key] = {
+            "seconds": seconds,
+            "peak_bytes": memory,
+            "plan": f"{engine.arithmetic.name}/{engine.strategy}",  # auto: where it ended
+            "rows_per_chunk": engine.rows_per_chunk(engine.arithmetic.name),
+            "error_estimate": results[key].error_estimate,
+        }
+    reference = results["float64/vmap"].measures
+    for key, result in results.items():
+        candidates[key]["error"] = relative_error(result.measures, reference)
+    loop_seconds, loop_memory, loop = timed(lambda: loop_measures(case, update, device), device, repeats)
+    budget = memory_budget or Engine(case.spec, case.inputs, case.targets, base).budget
+    floor_seconds, floor_memory, _ = timed(lambda: floor(case, device, budget), device, repeats)
+    engine = candidates["auto"]
+    accurate = {k: c["seconds"] for k, c in candidates.items() if k != "auto" and c["error"] <= PRECISION_BAR}
+    fastest = min(accurate, key=accurate.get)
+    return {
+        "case": case.name,
+        "probes": len(case.inputs),
+        "params": sum(v.numel() for v in case.snapshot.params.values()),
+        "chosen": engine["plan"],
+        "candidates": candidates,
+        "engine_seconds": engine["seconds"],
+        "engine_peak_bytes": engine["peak_bytes"],
+        "engine_error": engine["error"],
+        "loop_seconds": loop_seconds,
+        "loop_peak_bytes": loop_memory,
+        "loop_error": relative_error(loop, reference),
+        "floor_seconds": floor_seconds,
+        "floor_peak_bytes": floor_memory,
+        "speedup": loop_seconds / engine["seconds"],
+        "over_floor": engine["seconds"] / floor_seconds,
+        "over_float32": engine["seconds"] / candidates[f"float32/{engine['plan'].split('/')[1]}"]["seconds"],
+        "fastest_accurate": fastest,
+        # the engine's plan counts as the fastest within 10%, the noise of a shared machine
+        "chosen_is_fastest": engine["seconds"] <= 1.1 * accurate[fastest],
+    }
+
+
+def recorder_overhead(device: torch.device, steps: int = 270, rounds: int = 5) -> dict[str, Any]:
+    """Training step time with a recorder (snapshots every 9 steps) and without: the digits MLP
+    on a CPU (batch 32, one thread, as its preset trains), ResNet-18 on a GPU (batch 256).
+
+    Blocks of ``steps`` steps alternate between the two, ``rounds`` times each; the overhead is
+    the ratio of the median block times minus one.
+    """
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        spec = ModelSpec("resnet18_nonorm", {"num_outputs": 3})
+        generator = torch.Generator().manual_seed(0)
+        x, y = _blobs(256, 0, generator)
+        batch = 256
+    else:
+        spec = ModelSpec("mlp", {"in_features": 64, "num_outputs": 10, "hidden": [128]})
+        x, y, _, _ = _digits(1, image=False)
+        batch = 32
+    x, y = x.to(device), y.to(device)
+    model = build_model(spec).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    probes = (x[:30].cpu(), y[:30].cpu())
+    generator = torch.Generator().manual_seed(1)
+
+    def block(recorder: Recorder | None) -> float:
+        order = torch.randint(len(x), (steps, batch), generator=generator).to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for index in order:
+            optimizer.zero_grad(set_to_none=True)
+            loss = batch_loss("cross_entropy", model(x[index]), y[index])
+            loss.backward()
+            optimizer.step()
+            if recorder is not None:
+                recorder.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    plain, recorded = [], []
+    try:
+        block(None)  # warm-up
+        with tempfile.TemporaryDirectory() as tmp:
+            for r in range(rounds):
+                plain.append(block(None))
+                schedule = Schedule.every(9)
+                with Recorder(
+                    f"{tmp}/run{r}",
+                    model,
+                    optimizer,
+                    probes,
+                    spec,
+                    "classification",
+                    "cross_entropy",
+                    schedule,
+                ) as rec:
+                    recorded.append(block(rec))
+    finally:
+        torch.set_num_threads(threads)
+    base, with_recorder = statistics.median(plain), statistics.median(recorded)
+    return {
+        "model": spec.factory,
+        "step_seconds": base / steps,
+        "step_seconds_recorded": with_recorder / steps,
+        "overhead": with_recorder / base - 1,
+    }
+
+
+def scaling(
+    device: torch.device, update: UpdateConfig, memory_budget: int | None, repeats: int
+) -> dict[str, Any]:
+    """Digits MLP: seconds per snapshot of the engine (its own plan), the loop and the floor for
+    each ``P`` of :data:`SCALING_PROBES`, and the engine's total for each number of snapshots of
+    :data:`SCALING_SNAPSHOTS` at ``P = 100`` (engine construction included)."""
+    rows = []
+    for num_probes in SCALING_PROBES:
+        case = make_case("digits", num_probes)
+        config = ReplayConfig(
+            update, FINITE, precision="auto", device=str(device), memory_budget=memory_budget
+        )
+        engine = Engine(case.spec, case.inputs, case.targets, config)
+        seconds, _, _ = timed(lambda e=engine, c=case: e.replay_snapshot(c.snapshot), device, repeats)
+        loop_seconds = (
+            timed(lambda c=case: loop_measures(c, update, device), device, 1)[0]
+            if num_probes <= 200
+            else math.nan
+        )
+        floor_seconds, _, _ = timed(lambda c=case, b=engine.budget: floor(c, device, b), device, repeats)
+        rows.append({"probes": num_probes, "engine": seconds, "loop": loop_seconds, "floor": floor_seconds})
+    case = make_case("digits", 100)
+    totals = []
+    for count in SCALING_SNAPSHOTS:
+        start = time.perf_counter()
+        config = ReplayConfig(
+            update, FINITE, precision="auto", device=str(device), memory_budget=memory_budget
+        )
+        engine = Engine(case.spec, case.inputs, case.targets, config)
+        for _ in range(count):
+            engine.replay_snapshot(case.snapshot)
+        totals.append({"snapshots": count, "seconds": time.perf_counter() - start})
+    return {"by_probes": rows, "by_snapshots": totals}
+
+
+def run_benchmark(
+    cases: Sequence[str] | None = None,
+    device: str = "cpu",
+    probes: int | None = None,
+    rule: str = "adam-fresh",
+    lr: float = 1e-4,
+    repeats: int = 3,
+    memory_budget: int | None = None,
+    overhead: bool = True,
+    grow: bool = False,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the benchmark and print its tables with ``echo``; returns everything as a JSON-able dict.
+
+    ``cases``: names of :func:`make_case` (default: every case of :data:`DEFAULT_PROBES` for the
+    device); ``probes``: one ``P`` for all cases (default: the case's own); ``rule`` / ``lr``: the
+    update rule (``adam-fresh`` or ``sgd``); ``overhead``: measure the recorder's overhead;
+    ``grow``: the scaling tables (cost against ``P`` and against the number of snapshots).
+    """
+    target = torch.device(device)
+    update = UpdateConfig(rule, lr=lr)
+    defaults = DEFAULT_PROBES["cuda" if target.type == "cuda" else "cpu"]
+    load = os.getloadavg()
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(target)
+        if target.type == "cuda"
+        else f"cpu ({os.cpu_count()} cores)",
+        "threads": torch.get_num_threads(),
+        "load_average": load,
+        "torch": torch.__version__,
+        "update": update.effective(),
+        "cases": [],
+    }
+    echo(
+        f"device {report['device']}, {report['threads']} threads, load average {load[0]:.2f}, torch "
+        f"{torch.__version__}, update {rule} lr {lr:g}; times are medians of {repeats} after a warm-up; "
+        "the engine computes the loop's measures (all but linear); errors: relative Frobenius norm of "
+        "orig and kl against float64"
+    )
+    echo(
+        f"{'case':<13}{'P':>5} {'engine plan':<19}{'engine s':>9}{'loop s':>9}{'floor s':>9}{'loop/eng':>9}"
+        f"{'eng/floor':>10}{'eng/f32':>8}{'err eng':>9}{'err loop':>9}{'peak MiB':>9}  fastest accurate"
+    )
+    for name in cases or list(defaults):
+        row = bench_case(
+            make_case(name, probes or defaults.get(name, 100)), update, target, repeats, memory_budget
+        )
+        report["cases"].append(row)
+        mark = "yes" if row["chosen_is_fastest"] else "NO"
+        echo(
+            f"{row['case']:<13}{row['probes']:>5} {row['chosen']:<19}{row['engine_seconds']:>9.3f}"
+            f"{row['loop_seconds']:>9.3f}{row['floor_seconds']:>9.3f}{row['speedup']:>9.1f}"
+            f"{row['over_floor']:>10.1f}{row['over_float32']:>8.2f}"
+            f"{row['engine_error']:>9.1e}{row['loop_error']:>9.1e}{row['engine_peak_bytes'] / 2**20:>9.0f}"
+            f"  {row['fastest_accurate']} ({mark})"
+        )
+        for key, c in row["candidates"].items():
+            echo(
+                f"    {key:<19}{c['seconds']:>9.3f} s  error {c['error']:.1e} (estimated {c['error_estimate']:.1e})"
+                f"  peak {c['peak_bytes'] / 2**20:.0f} MiB  {c['rows_per_chunk']} rows a chunk"
+            )
+    if overhead:
+        report["recorder"] = recorder_overhead(target)
+        r = report["recorder"]
+        echo(
+            f"recorder overhead ({r['model']}, snapshot every 9 steps): {r['step_seconds'] * 1e3:.2f} ms "
+            f"-> {r['step_seconds_recorded'] * 1e3:.2f} ms a step, {100 * r['overhead']:+.1f}%"
+        )
+    if grow:
+        report["scaling"] = scaling(target, update, memory_budget, repeats)
+        echo("digits MLP, seconds per snapshot:  P  engine  loop  floor")
+        for r in report["scaling"]["by_probes"]:
+            echo(f"  {r['probes']:>5} {r['engine']:>8.3f} {r['loop']:>8.3f} {r['floor']:>8.3f}")
+        echo("digits MLP at P = 100, whole replay (engine built once): snapshots  seconds")
+        for r in report["scaling"]["by_snapshots"]:
+            echo(f"  {r['snapshots']:>5} {r['seconds']:>8.2f}")
+    return report

@@ -1,0 +1,108 @@
+"""The precision bar of issue 6: in the default mode (``auto``) the ``orig`` and ``kl`` matrices lie
+within 1e-3 (relative Frobenius norm) of a float64 replay, for ``adam-fresh`` and for ``sgd`` at
+lr 1e-4, on the digits MLP, a small CNN and ResNet-18, and the stored error estimate is honest."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from replay.bench import make_case
+from replay.config import ReplayConfig, UpdateConfig
+from replay.difference import ChangePropagator, UnsupportedModel
+from replay.engine import Engine
+from tests.test_replay_helpers import make_model, make_probes, run_spec, snapshot, train_steps
+
+BAR = 1e-3
+COMPARED = ("orig_logits_l2", "orig_probs_l2", "kl", "linear")
+RULES = {"adam-fresh": UpdateConfig("adam-fresh", lr=1e-4), "sgd": UpdateConfig("sgd", lr=1e-4)}
+
+
+def frobenius_error(approx, exact):
+    return max(((approx[m].double() - exact[m]).norm() / exact[m].norm()).item() for m in COMPARED)
+
+
+@pytest.fixture(scope="module")
+def cases():
+    """The digits MLP (P = 20), small_cnn on digits (P = 10) and ResNet-18 on 32x32 images (P = 3),
+    each after a little training, as the benchmark builds them."""
+    return {
+        name: make_case(name, probes) for name, probes in (("digits", 20), ("small_cnn", 10), ("resnet18", 3))
+    }
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("name", ["digits", "small_cnn", "resnet18"])
+def test_default_mode_is_within_the_bar_of_float64_and_says_so(cases, name, rule):
+    case = cases[name]
+    config = ReplayConfig(RULES[rule], measures=COMPARED, precision="auto")
+    engine = Engine(case.spec, case.inputs, case.targets, config)
+    result = engine.replay_snapshot(case.snapshot)
+    exact = Engine(case.spec, case.inputs, case.targets, ReplayConfig(RULES[rule], measures=COMPARED))
+    reference = exact.replay_snapshot(case.snapshot)
+    true_error = frobenius_error(result.measures, reference.measures)
+    assert true_error < BAR
+    assert result.error_estimate < BAR
+    assert true_error <= 10 * result.error_estimate  # the estimate is not optimistic
+    assert result.measures["kl"].dtype == torch.float64
+    torch.testing.assert_close(result.base_outputs, reference.base_outputs, rtol=1e-12, atol=1e-12)
+
+
+def test_plain_float32_misses_the_bar_where_the_default_mode_meets_it():
+    """A trained MLP under sgd at lr 1e-4: the changes are ~1e-6 of the outputs (SPEC §3)."""
+    model = make_model("mlp")
+    x, y = make_probes("mlp", per_class=2)
+    train_steps(model, torch.optim.Adam(model.parameters(), lr=0.1), "cross_entropy", x, y, 60)
+    snap = snapshot(model, 1)
+
+    def replayed(precision):
+        config = ReplayConfig(RULES["sgd"], measures=COMPARED, precision=precision, tolerance=math.inf)
+        return Engine(run_spec("mlp"), x, y, config).replay_snapshot(snap)
+
+    exact = replayed("float64").measures
+    assert frobenius_error(replayed("float32").measures, exact) > BAR
+    assert frobenius_error(replayed("difference32").measures, exact) > BAR
+    assert frobenius_error(replayed("mixed").measures, exact) < 1e-5
+    config = ReplayConfig(RULES["sgd"], measures=COMPARED, precision="auto")
+    engine = Engine(run_spec("mlp"), x, y, config)
+    assert frobenius_error(engine.replay_snapshot(snap).measures, exact) < 1e-5
+    assert (engine.arithmetic.name, engine.fallback) == ("mixed", None)  # and it stays there
+
+
+@pytest.mark.parametrize("activation", ["tanh", "gelu"])
+def test_layers_without_a_rule_are_differenced_in_float64(activation):
+    """Activations other than relu take the float64 fallback of :mod:`replay.difference`."""
+    from recorder.models import build_model
+    from recorder.runfiles import ModelSpec
+
+    torch.manual_seed(0)
+    model = build_model(
+        ModelSpec("mlp", {"in_features": 6, "num_outputs": 3, "hidden": [8, 8], "activation": activation})
+    )
+    x = torch.randn(5, 6, dtype=torch.float64)
+    params = {k: v.detach().double() for k, v in model.named_parameters()}
+    update = {k: 1e-7 * torch.randn_like(v) for k, v in params.items()}
+    exact = torch.func.functional_call(model, {k: params[k] + update[k] for k in params}, (x,))
+    exact = exact - torch.func.functional_call(model, params, (x,))
+    propagator = ChangePropagator(model)
+    changes = propagator.change(propagator.base(params, {}, x), {k: u.float() for k, u in update.items()})
+    assert ((changes["finite"].double() - exact).norm() / exact.norm()).item() < 1e-6
+
+
+class _Branchy(nn.Module):
+    """Control flow on the data: ``torch.fx`` cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+def test_a_model_fx_cannot_trace_is_reported():
+    with pytest.raises(UnsupportedModel, match="_Branchy"):
+        ChangePropagator(_Branchy())
