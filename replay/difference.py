@@ -29,6 +29,7 @@ in float32 for the rest), sharing the products ``U v`` with ``D``. Models that
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -169,10 +170,8 @@ class ChangePropagator:
             return node.target(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
-        if node.op == "get_attr":
-            return (
-                state[node.target] if node.target in state else self.graph_module.get_parameter(node.target)
-            )
+        if node.op == "get_attr":  # a weight or buffer, or a constant of the model
+            return state[node.target] if node.target in state else _attribute(self.graph_module, node.target)
         raise UnsupportedModel(f"node {node.name}: unknown op {node.op}")
 
     def _change(
@@ -271,6 +270,11 @@ class ChangePropagator:
             return self._call(node, args, kwargs, state)
 
         return jvp(evaluate, (primals, own), (directions, own_directions))[1]
+
+
+def _attribute(module: nn.Module, name: str) -> Any:
+    """``module.a.b`` for ``name`` ``"a.b"``."""
+    return functools.reduce(getattr, name.split("."), module)
 
 
 def _own(tensors: dict[str, Tensor], module_name: str) -> dict[str, Tensor]:

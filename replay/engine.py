@@ -40,14 +40,21 @@ in the exact dtype.
 
 Error estimate of every arithmetic but float64: the ``CHECK_ROWS`` rows with the largest
 amplification ``max|f(x_i)| / max|D[i, i]|`` (the rows with the most rounding error) are
-recomputed in float64 from the same updates, on those rows' own probes and up to
-``CHECK_COLUMNS`` others, and the estimate is the largest relative row error of any measure
-there (at least the float64 reference's own rounding). It covers the output changes and the
-measures; the updates' own float32 rounding (about 1e-7 relative) is not in it. TF32 stays off.
+recomputed from the same updates, on those rows' own probes and ``CHECK_COLUMNS`` others, with
+the changes propagated by :mod:`replay.difference` (no cancellation): in float32 for the
+arithmetics that difference (its own error, at most 1e-6, is the floor of the estimate), in
+float64 for ``mixed``; for a model ``torch.fx`` cannot trace, as a float64 difference. The
+estimate is the largest relative row error of any measure there. It covers the output changes
+and the measures, not the updates' own float32 rounding (about 1e-7 relative). An arithmetic
+other than float64 is refused when its estimate exceeds the tolerance; TF32 stays off.
+
+On a CPU the engine has glibc keep freed memory (:func:`_retain_freed_memory`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -77,9 +84,13 @@ from replay.plan import (
 from replay.updates import update_rule
 
 CHECK_ROWS = 4  # rows recomputed in float64 to estimate the error of the other arithmetics
-CHECK_COLUMNS = 12  # probes they are recomputed on, besides their own
+CHECK_COLUMNS = 4  # probes they are recomputed on, besides their own
 AUTO_TARGET = 1e-4  # largest estimated error at which 'auto' keeps the float32 difference
+# relative error of changes propagated by replay.difference (float32: measured at most 8e-7 on the
+# built-in models, tests/test_precision.py), the floor of an error estimate checked against them
+PROPAGATION_ERROR = {torch.float32: 1e-6, torch.float64: torch.finfo(torch.float64).eps}
 EXACT = ARITHMETIC["float64"]
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 @dataclass
@@ -125,8 +136,25 @@ def per_sample_grads(
     return {k: torch.stack([r[k] for r in rows]) for k in params}
 
 
+@functools.cache
+def _retain_freed_memory() -> None:
+    """Have glibc keep freed memory for reuse instead of unmapping it (process-wide, once).
+
+    A CPU replay allocates and frees blocks of hundreds of MiB in every operation (stacked weight
+    copies, per-probe updates, activations of all probes); mapped afresh each time, their page
+    faults doubled the time of a ResNet-18 replay (measured). The memory budget still bounds the
+    peak; the process keeps it until it ends. Elsewhere than glibc, nothing happens.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
+
+
 @contextmanager
-def _no_tf32(device: torch.device) -> Iterator[None]:
+def no_tf32(device: torch.device) -> Iterator[None]:
     """Full float32 matmuls and convolutions on a GPU (cuDNN defaults to TF32)."""
     if device.type != "cuda":
         yield
@@ -161,13 +189,18 @@ class _Kept:
     updates: dict[str, Tensor]
 
     def merge(self, rows: Tensor, amplification: Tensor, updates: dict[str, Tensor], keep: int) -> _Kept:
-        """The ``keep`` rows with the largest amplification of these and the new ``rows``."""
+        """The ``keep`` rows with the largest amplification of these and the new ``rows`` (whose
+        updates are ``updates``, name -> ``[B, *shape]``)."""
         amplification = torch.cat([self.amplification, amplification.nan_to_num(math.inf)])
         top = amplification.argsort(descending=True, stable=True)[:keep]
+        old, new = top[top < len(self.rows)], top[top >= len(self.rows)] - len(self.rows)
         return _Kept(
-            rows=torch.cat([self.rows, rows])[top],
-            amplification=amplification[top],
-            updates={k: torch.cat([v, updates[k]])[top] for k, v in self.updates.items()},
+            rows=torch.cat([self.rows[old], rows[new]]),
+            amplification=torch.cat([amplification[old], amplification[len(self.rows) + new]]),
+            updates={
+                k: torch.cat([v[old.to(v.device)], updates[k][new.to(v.device)]])
+                for k, v in self.updates.items()
+            },
         )
 
 
@@ -190,6 +223,8 @@ class Engine:
             torch.empty(0, device=self.device)
         except (RuntimeError, AssertionError) as e:
             raise ReplayError(f"device {config.device!r} is not usable here ({e})") from None
+        if self.device.type == "cpu":
+            _retain_freed_memory()
         self.model = build_model(spec.model).eval().to(self.device)
         self.inputs, self.targets = inputs, targets
         self.budget = config.memory_budget or default_memory_budget(self.device)
@@ -243,7 +278,7 @@ class Engine:
                 measures={m.name: nan(num_probes, num_probes) for m in self.measures},
                 amplification=nan(num_probes),
             )
-        with _no_tf32(self.device):
+        with no_tf32(self.device):
             result = self._replay(snapshot, self.arithmetic)
             if self.fallback is not None and not result.error_estimate <= AUTO_TARGET:
                 self.arithmetic, self.fallback = self.fallback, None  # for this snapshot and the next
@@ -267,23 +302,21 @@ class Engine:
         return result
 
     def _replay(self, snapshot: Snapshot, arithmetic: Arithmetic) -> SnapshotResult:
-        """Every row of ``snapshot`` in ``arithmetic``, with its error estimate."""
+        """Every row of ``snapshot`` in ``arithmetic``, with its error estimate (module docstring)."""
         result, kept = self._evaluate(snapshot, arithmetic)
-        eps = torch.finfo(torch.float64).eps
+        rounding = torch.finfo(torch.float64).eps * result.amplification.nanmedian().item()
         if arithmetic == EXACT:
-            result.error_estimate = eps * result.amplification.nanmedian().item()
+            result.error_estimate = rounding
             return result
-        columns = torch.cat(
-            [kept.rows, torch.linspace(0, len(self.inputs) - 1, CHECK_COLUMNS).round().long()]
-        )
-        columns = columns.unique()  # sorted
-        reference = self._reference(snapshot, kept, columns)
-        discrepancy = _relative_error(
-            {k: v[kept.rows][:, columns] for k, v in result.measures.items()}, reference
-        )
-        # the reference's own error: float64 relative by propagation, the rounding model by a difference
-        own = eps if self.propagator is not None else eps * result.amplification.nanmedian().item()
-        result.error_estimate = max(discrepancy, own)
+        columns = torch.linspace(0, len(self.inputs) - 1, CHECK_COLUMNS).round().long()
+        columns = torch.cat([kept.rows, columns]).unique()  # sorted
+        # by propagation the reference has no cancellation: float32 checks a float32 difference
+        # well, float64 checks the propagation itself; without it, a float64 difference
+        dtype = torch.float64 if arithmetic.propagate or self.propagator is None else torch.float32
+        reference = self._reference(snapshot, kept, columns, dtype)
+        approx = {k: v[kept.rows][:, columns] for k, v in result.measures.items()}
+        own = rounding if self.propagator is None else PROPAGATION_ERROR[dtype]
+        result.error_estimate = max(_relative_error(approx, reference), own)
         return result
 
     def _cast(self, t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -401,7 +434,9 @@ class Engine:
             except ReplayError as e:
                 raise ReplayError(f"snapshot step {snapshot.step}: {e}") from None
             del grads
-            norms.append(sum(u.flatten(1).to(exact).square().sum(1) for u in updates.values()).sqrt())
+            norms.append(
+                torch.stack([u.flatten(1).norm(dim=1) for u in updates.values()]).to(exact).norm(dim=0)
+            )
             changed = {k: v.to(exact) for k, v in self._rows(outputs, updates).items()}  # [B, P, C]
             for name, S in self._measures(base, changed, chunk.to(self.device)).items():
                 measures[name].append(S)
@@ -421,16 +456,17 @@ class Engine:
         )
         return result, kept
 
-    def _reference(self, snapshot: Snapshot, kept: _Kept, columns: Tensor) -> dict[str, Tensor]:
-        """The measures of the kept rows on the probes ``columns`` ``[J]`` in float64, from the kept
-        updates, the changes propagated by :mod:`replay.difference` (a difference for a model it cannot
-        trace): name -> ``[R, J]``."""
+    def _reference(
+        self, snapshot: Snapshot, kept: _Kept, columns: Tensor, dtype: torch.dtype
+    ) -> dict[str, Tensor]:
+        """The measures of the kept rows on the probes ``columns`` ``[J]`` from the kept updates, the
+        changes propagated in ``dtype`` by :mod:`replay.difference` (for a model it cannot trace: a
+        difference), the rest in float64: name -> ``[R, J]``."""
         params, buffers = self._state(snapshot, torch.float64)
         x = self._cast(self.inputs[columns], torch.float64)
         base = functional_call(self.model, (params, buffers), (x,))  # [J, C]
-        # propagated, the reference has no cancellation: float64 relative error whatever the step
-        outputs = self._changes(params, buffers, x, base, torch.float64, self.propagator is not None)
-        updates = {k: v.to(torch.float64) for k, v in kept.updates.items()}
-        changed = self._rows(outputs, updates)
+        outputs = self._changes(params, buffers, x, base, dtype, self.propagator is not None)
+        changed = self._rows(outputs, {k: v.to(dtype) for k, v in kept.updates.items()})
         own = torch.searchsorted(columns, kept.rows)  # the column of each row's own probe
+        changed = {k: v.to(torch.float64) for k, v in changed.items()}
         return {k: v.cpu() for k, v in self._measures(base, changed, own.to(self.device)).items()}

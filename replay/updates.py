@@ -84,7 +84,7 @@ def adam_step(
     beta1, beta2 = betas
     if maximize:
         g = -g
-    decay = torch.zeros_like(w)
+    decay = None
     if weight_decay != 0:
         if decoupled_weight_decay:
             decay = w.mul(1 - lr * weight_decay) - w
@@ -97,7 +97,9 @@ def adam_step(
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     if amsgrad:
         exp_avg_sq = torch.maximum(_state(state, "max_exp_avg_sq", w), exp_avg_sq)
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add(eps)
+    denom = exp_avg_sq.sqrt_().div_(bias_correction2_sqrt).add_(eps)  # fresh tensors: in place
+    if decay is None:  # addcdiv(0, exp_avg, denom, value) without a tensor of zeros
+        return exp_avg.mul_(-lr / bias_correction1).div_(denom)
     return torch.addcdiv(decay, exp_avg, denom, value=-lr / bias_correction1)
 
 
