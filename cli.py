@@ -16,8 +16,19 @@ import click
 
 from recorder.runfiles import RunDirError
 
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
-          "g": 2**30, "gb": 2**30, "gib": 2**30}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 2**10,
+    "kb": 2**10,
+    "kib": 2**10,
+    "m": 2**20,
+    "mb": 2**20,
+    "mib": 2**20,
+    "g": 2**30,
+    "gb": 2**30,
+    "gib": 2**30,
+}
 
 
 class MemorySize(click.ParamType):
@@ -81,16 +92,22 @@ def presets_cmd() -> None:
 @main.command()
 @click.argument("preset")
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a preset setting (repeatable); `cli.py presets` lists them.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a preset setting (repeatable); `cli.py presets` lists them.",
+)
 @_fail_cleanly
 def record(preset: str, run_dir: Path, overrides: tuple[str, ...]) -> None:
     """Train PRESET with the recorder attached, writing the run to RUN_DIR."""
     from recorder.presets import PRESETS, apply_overrides
 
     if preset not in PRESETS:
-        raise click.BadParameter(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}",
-                                 param_hint="PRESET")
+        raise click.BadParameter(
+            f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}", param_hint="PRESET"
+        )
     spec = PRESETS[preset]
     try:
         config = apply_overrides(spec.config_cls(), overrides)
@@ -103,35 +120,88 @@ def record(preset: str, run_dir: Path, overrides: tuple[str, ...]) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, readable=False))  # RunDir says what is wrong
-@click.option("--update", "rule", type=click.Choice(["adam-fresh", "sgd", "recorded"]), default="adam-fresh",
-              show_default=True, help="Virtual update rule U (SPEC §2).")
-@click.option("--lr", type=float, default=None,
-              help="Learning rate of sgd / adam-fresh [default: 1e-4]; recorded uses the recorded one.")
+@click.option(
+    "--update",
+    "rule",
+    type=click.Choice(["adam-fresh", "sgd", "recorded"]),
+    default="adam-fresh",
+    show_default=True,
+    help="Virtual update rule U (SPEC §2).",
+)
+@click.option(
+    "--lr",
+    type=float,
+    default=None,
+    help="Learning rate of sgd / adam-fresh [default: 1e-4]; recorded uses the recorded one.",
+)
 @click.option("--eps", type=float, default=None, help="Adam epsilon of adam-fresh [default: 1e-8].")
-@click.option("--betas", type=(float, float), default=None, help="Adam betas of adam-fresh [default: 0.9 0.999].")
+@click.option(
+    "--betas", type=(float, float), default=None, help="Adam betas of adam-fresh [default: 0.9 0.999]."
+)
 @click.option("--weight-decay", type=float, default=None, help="Weight decay of the sgd rule [default: 0].")
 @click.option("--measures", default=None, help="Comma-separated measures [default: all for the task].")
-@click.option("--precision", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
-              help="Arithmetic of the replay; float32 is checked against float64 rows and refused if noisy.")
-@click.option("--tolerance", type=float, default=None,
-              help="Largest accepted estimated relative error of the measures [default: 1e-2].")
-@click.option("--ratio-eps", type=float, default=None,
-              help="eps in S = N / (N_self + eps) [default: 1e-8]; use 0 for kl under tiny sgd steps.")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "mixed", "difference32", "float64", "float32"]),
+    default="auto",
+    show_default=True,
+    help="Arithmetic of the replay (README, Precision); every mode but float64 checks its error "
+    "and refuses beyond --tolerance.",
+)
+@click.option(
+    "--tolerance",
+    type=float,
+    default=None,
+    help="Largest accepted estimated relative error of the measures [default: 1e-2].",
+)
+@click.option(
+    "--ratio-eps",
+    type=float,
+    default=None,
+    help="eps in S = N / (N_self + eps) [default: 1e-8]; use 0 for kl under tiny sgd steps.",
+)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda or cuda:1.")
-@click.option("--memory-budget", type=MemorySize(), default=None,
-              help="Bytes for stacked weight copies, e.g. 2GiB [default: from the device].")
+@click.option(
+    "--memory-budget",
+    type=MemorySize(),
+    default=None,
+    help="Bytes for stacked weight copies, e.g. 2GiB [default: from the device].",
+)
 @click.option("--name", default=None, help="Store name: RUN_DIR/NAME.zarr [default: the update rule].")
 @click.option("--include-self", is_flag=True, help="Keep self pairs i = j in the same-class aggregates.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--skip-corrupt", is_flag=True,
-              help="Skip snapshots whose files are missing, truncated or corrupted (a warning names each).")
-@click.option("--allow-factory", "factories", multiple=True, metavar="MODULE:FUNCTION",
-              help="Import a model factory that is not registered (runs that module's code: only code you trust).")
+@click.option(
+    "--skip-corrupt",
+    is_flag=True,
+    help="Skip snapshots whose files are missing, truncated or corrupted (a warning names each).",
+)
+@click.option(
+    "--allow-factory",
+    "factories",
+    multiple=True,
+    metavar="MODULE:FUNCTION",
+    help="Import a model factory that is not registered (runs that module's code: only code you trust).",
+)
 @_fail_cleanly
-def replay(run_dir: Path, rule: str, lr: float | None, eps: float | None, betas: tuple[float, float] | None,
-           weight_decay: float | None, measures: str | None, precision: str, tolerance: float | None,
-           ratio_eps: float | None, device: str, memory_budget: int | None, name: str | None,
-           include_self: bool, no_progress: bool, skip_corrupt: bool, factories: tuple[str, ...]) -> None:
+def replay(
+    run_dir: Path,
+    rule: str,
+    lr: float | None,
+    eps: float | None,
+    betas: tuple[float, float] | None,
+    weight_decay: float | None,
+    measures: str | None,
+    precision: str,
+    tolerance: float | None,
+    ratio_eps: float | None,
+    device: str,
+    memory_budget: int | None,
+    name: str | None,
+    include_self: bool,
+    no_progress: bool,
+    skip_corrupt: bool,
+    factories: tuple[str, ...],
+) -> None:
     """Replay the snapshots of RUN_DIR into S_rel arrays (RUN_DIR/NAME.zarr); resumable.
 
     RUN_DIR may be a run group (several seeds of one preset): each run is replayed in turn.
@@ -142,10 +212,16 @@ def replay(run_dir: Path, rule: str, lr: float | None, eps: float | None, betas:
     if rule == "recorded" and lr is not None:
         raise click.BadParameter("the recorded rule uses the recorded learning rate", param_hint="--lr")
     given = {"lr": lr, "eps": eps, "betas": betas, "weight_decay": weight_decay}
-    options: dict[str, Any] = {"precision": precision, "device": device, "include_self": include_self,
-                               "measures": tuple(m.strip() for m in measures.split(",")) if measures else None,
-                               "tolerance": tolerance, "ratio_eps": ratio_eps, "memory_budget": memory_budget,
-                               "name": name}
+    options: dict[str, Any] = {
+        "precision": precision,
+        "device": device,
+        "include_self": include_self,
+        "measures": tuple(m.strip() for m in measures.split(",")) if measures else None,
+        "tolerance": tolerance,
+        "ratio_eps": ratio_eps,
+        "memory_budget": memory_budget,
+        "name": name,
+    }
     try:
         update = UpdateConfig(rule=rule, **{k: v for k, v in given.items() if v is not None})
         config = ReplayConfig(update=update, **{k: v for k, v in options.items() if v is not None})
@@ -168,9 +244,15 @@ def replay(run_dir: Path, rule: str, lr: float | None, eps: float | None, betas:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output folder [default: RUN_DIR/analysis].")
-@click.option("--include-self", is_flag=True, help="Include self pairs in class-pair aggregates (the paper's way).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output folder [default: RUN_DIR/analysis].",
+)
+@click.option(
+    "--include-self", is_flag=True, help="Include self pairs in class-pair aggregates (the paper's way)."
+)
 @_fail_cleanly
 def analyze(run_dir: Path, out: Path | None, include_self: bool) -> None:
     """Figures, summary.json and report.html for every replay store in RUN_DIR."""
@@ -206,36 +288,77 @@ def demo(out_dir: Path) -> None:
     click.echo("[3/3] analyzing")
     summary = run_analyze(run_dir)
     click.echo(format_table(summary))
-    click.echo(f"\nrun directory: {run_dir}\nreplay stores: {', '.join(str(p) for p in sorted(run_dir.glob('*.zarr')))}"
-               f"\nreport: {Path(summary['out_dir']) / 'report.html'}")
+    click.echo(
+        f"\nrun directory: {run_dir}\nreplay stores: {', '.join(str(p) for p in sorted(run_dir.glob('*.zarr')))}"
+        f"\nreport: {Path(summary['out_dir']) / 'report.html'}"
+    )
 
 
 @main.command()
-@click.option("--case", "cases", multiple=True,
-              type=click.Choice(["digits", "small_cnn", "mlp_large", "resnet18", "resnet18_240"]),
-              help="A case to run (repeatable) [default: all of the device's].")
+@click.option(
+    "--case",
+    "cases",
+    multiple=True,
+    type=click.Choice(["digits", "small_cnn", "mlp_large", "resnet18", "resnet18_240"]),
+    help="A case to run (repeatable) [default: all of the device's].",
+)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
 @click.option("--probes", type=int, default=None, help="P for every case [default: each case's own].")
-@click.option("--update", "rule", type=click.Choice(["adam-fresh", "sgd"]), default="adam-fresh",
-              show_default=True, help="Virtual update rule.")
+@click.option(
+    "--update",
+    "rule",
+    type=click.Choice(["adam-fresh", "sgd"]),
+    default="adam-fresh",
+    show_default=True,
+    help="Virtual update rule.",
+)
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Learning rate of the update.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs of each candidate.")
-@click.option("--memory-budget", type=MemorySize(), default=None,
-              help="Bytes for stacked weight copies, e.g. 2GiB [default: from the device].")
+@click.option(
+    "--memory-budget",
+    type=MemorySize(),
+    default=None,
+    help="Bytes for stacked weight copies, e.g. 2GiB [default: from the device].",
+)
 @click.option("--no-overhead", is_flag=True, help="Skip the recorder-overhead measurement.")
 @click.option("--grow", is_flag=True, help="Also time the digits MLP against P and the number of snapshots.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write every number to this JSON file.")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write every number to this JSON file.",
+)
 @_fail_cleanly
-def bench(cases: tuple[str, ...], device: str, probes: int | None, rule: str, lr: float, repeats: int,
-          memory_budget: int | None, no_overhead: bool, grow: bool, json_path: Path | None) -> None:
+def bench(
+    cases: tuple[str, ...],
+    device: str,
+    probes: int | None,
+    rule: str,
+    lr: float,
+    repeats: int,
+    memory_budget: int | None,
+    no_overhead: bool,
+    grow: bool,
+    json_path: Path | None,
+) -> None:
     """Time the replay engine against the paper's plain loop and the one-forward-pass floor."""
     import json
 
     from replay.bench import run_benchmark
 
-    report = run_benchmark(cases or None, device=device, probes=probes, rule=rule, lr=lr, repeats=repeats,
-                           memory_budget=memory_budget, overhead=not no_overhead, grow=grow, echo=click.echo)
+    report = run_benchmark(
+        cases or None,
+        device=device,
+        probes=probes,
+        rule=rule,
+        lr=lr,
+        repeats=repeats,
+        memory_budget=memory_budget,
+        overhead=not no_overhead,
+        grow=grow,
+        echo=click.echo,
+    )
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=1))
         click.echo(f"wrote {json_path}")
@@ -243,18 +366,29 @@ def bench(cases: tuple[str, ...], device: str, probes: int | None, rule: str, lr
 
 @main.command()
 @click.argument("family")
-@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
-              help="A recorded run of this family: overlay its replayed S_rel on the closed form.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("theory-out"),
-              show_default=True, help="Output folder for the figures.")
+@click.option(
+    "--run",
+    "run_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A recorded run of this family: overlay its replayed S_rel on the closed form.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("theory-out"),
+    show_default=True,
+    help="Output folder for the figures.",
+)
 @_fail_cleanly
 def theory(family: str, run_dir: Path | None, out: Path) -> None:
     """Closed-form S_rel of a theory FAMILY along gradient flow (SPEC §6)."""
     from analyses.theory import FAMILIES, plot_family
 
     if family not in FAMILIES:
-        raise click.BadParameter(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}",
-                                 param_hint="FAMILY")
+        raise click.BadParameter(
+            f"unknown family {family!r}; choose from {', '.join(FAMILIES)}", param_hint="FAMILY"
+        )
     for path in plot_family(family, out, run_dir=run_dir):
         click.echo(f"wrote {path}")
 

@@ -278,8 +278,8 @@ def bench_case(
         candidates[key] = {
             "seconds": seconds,
             "peak_bytes": memory,
-            "plan": f"{engine.arithmetic.name}/{engine.strategy}",  # auto: where it ended
-            "rows_per_chunk": engine.rows_per_chunk(engine.arithmetic.name),
+            "plan": f"{results[key].arithmetic}/{engine.strategy}",  # auto: the one it settled on
+            "rows_per_chunk": engine.rows_per_chunk(results[key].arithmetic),
             "error_estimate": results[key].error_estimate,
         }
     reference = results["float64/vmap"].measures

@@ -84,9 +84,9 @@ class ReplayConfig:
         metadata={"help": "Measures to compute (default: every measure that applies to the run's task)."},
     )
     precision: str = field(
-        default="float64",
+        default="auto",
         metadata={
-            "help": "Arithmetic of the replay: 'float64' (default, resolves even tiny updates); "
+            "help": "Arithmetic of the replay: 'auto' (default, see below); 'float64' (resolves even tiny updates); "
             "'mixed' (base outputs, loss gradients and measures in float64, the output changes propagated "
             "layer by layer in float32 without ever subtracting two outputs: about 1e-7 relative error "
             "whatever the step); 'difference32' (the same, but the output changes as a float32 "

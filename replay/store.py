@@ -121,13 +121,14 @@ class _Plan:
         attrs = {
             "config": config.to_json(),
             "run_spec": spec.to_json(),
-            "dtype": config.precision,
+            "dtype": config.storage_dtype,
+            "precision": config.precision,
             "measures": list(measures),
             "classes": classes,
             "include_self": config.include_self,
         }
         num_classes = len(classes or ())
-        layout = _layout(targets_np, spec.num_outputs, num_classes, measures, config.precision)
+        layout = _layout(targets_np, spec.num_outputs, num_classes, measures, config.storage_dtype)
         labels = np.searchsorted(classes, targets_np) if classification else None
         return cls(attrs, layout, targets_np, labels, num_classes)
 

@@ -55,7 +55,9 @@ def test_missing_or_empty_run_dir_is_one_line(runner, tmp_path, command):
 
 def test_record_replay_analyze_end_to_end(runner, tmp_path):
     run = tmp_path / "digits"
-    result = runner.invoke(main, ["record", "digits", str(run), "--set", "epochs=1", "--set", "progress=false"])
+    result = runner.invoke(
+        main, ["record", "digits", str(run), "--set", "epochs=1", "--set", "progress=false"]
+    )
     assert result.exit_code == 0, result.output
     result = runner.invoke(main, ["replay", str(run), "--no-progress", "--measures", "orig_probs_l2,kl"])
     assert result.exit_code == 0, result.output

@@ -45,7 +45,7 @@ RULES = {
 def test_measures_equal_a_plain_loop_of_real_optimizer_steps(factory, rule):
     model, x, y = trained(factory)
     config, make_optimizer = RULES[rule]
-    result = replayed(model, factory, x, y, ReplayConfig(config))
+    result = replayed(model, factory, x, y, ReplayConfig(config, precision="float64"))
     expected = plain_measures(*plain_changes(model, make_optimizer, "cross_entropy", x, y))
     assert set(expected) < set(result.measures)
     for name, S in expected.items():
@@ -65,7 +65,9 @@ def test_recorded_rule_measures_equal_the_training_optimizers_own_step():
         opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))
         return opt
 
-    result = replayed(model, "mlp", x, y, ReplayConfig(UpdateConfig("recorded")), optimizer)
+    result = replayed(
+        model, "mlp", x, y, ReplayConfig(UpdateConfig("recorded"), precision="float64"), optimizer
+    )
     expected = plain_measures(*plain_changes(model, resume, "cross_entropy", x, y))
     for name in ("orig_probs_l2", "kl"):
         torch.testing.assert_close(result.measures[name], expected[name], rtol=1e-5, atol=0, msg=name)
@@ -92,7 +94,7 @@ def test_regression_measures_equal_a_plain_loop():
 def test_linear_equals_jacobian_times_update_from_plain_autograd(factory):
     model, x, y = trained(factory)
     config = UpdateConfig("adam-fresh", lr=1e-3)
-    result = replayed(model, factory, x, y, ReplayConfig(config, measures=("linear",)))
+    result = replayed(model, factory, x, y, ReplayConfig(config, measures=("linear",), precision="float64"))
     params = {n: p.detach() for n, p in model.named_parameters()}
     updates = update_rule(config)(params, per_sample_grads(model, "cross_entropy", params, {}, x, y), None)
     U = torch.cat([u.flatten(1) for u in updates.values()], dim=1)  # [P, N]
@@ -118,8 +120,8 @@ def test_linear_equals_jacobian_times_update_from_plain_autograd(factory):
 
 def test_chunking_over_updated_probes_does_not_change_the_result():
     model, x, y = trained("small_cnn")
-    whole = replayed(model, "small_cnn", x, y, ReplayConfig(memory_budget=1 << 40))
-    engine = Engine(run_spec("small_cnn"), x, y, ReplayConfig(memory_budget=1))
+    whole = replayed(model, "small_cnn", x, y, ReplayConfig(memory_budget=1 << 40, precision="float64"))
+    engine = Engine(run_spec("small_cnn"), x, y, ReplayConfig(memory_budget=1, precision="float64"))
     assert engine.rows_per_chunk("float64") == 1
     chunked = engine.replay_snapshot(snapshot(model, 5))
     for name in whole.measures:
@@ -132,7 +134,7 @@ def test_float32_refuses_an_sgd_step_it_cannot_resolve():
     x, y = make_probes("mlp", per_class=2)
     train_steps(model, torch.optim.Adam(model.parameters(), lr=0.1), "cross_entropy", x, y, 60)  # loss ~1e-3
     config = UpdateConfig("sgd", lr=1e-4)
-    exact = replayed(model, "mlp", x, y, ReplayConfig(config))
+    exact = replayed(model, "mlp", x, y, ReplayConfig(config, precision="float64"))
     assert exact.error_estimate < 1e-6  # float64 resolves it
     with pytest.raises(ReplayError, match="float32 cannot resolve.*--precision float64"):
         replayed(model, "mlp", x, y, ReplayConfig(config, precision="float32"))
@@ -142,7 +144,7 @@ def test_float32_adam_fresh_is_accepted_and_its_error_estimate_is_honest():
     model, x, y = trained("small_cnn")
     config = UpdateConfig("adam-fresh", lr=1e-3)
     single = replayed(model, "small_cnn", x, y, ReplayConfig(config, precision="float32"))
-    exact = replayed(model, "small_cnn", x, y, ReplayConfig(config))
+    exact = replayed(model, "small_cnn", x, y, ReplayConfig(config, precision="float64"))
     assert single.measures["kl"].dtype == torch.float32
     assert 0 < single.error_estimate < 1e-2
     true_error = max(

@@ -18,7 +18,7 @@ from replay.engine import Engine
 from tests.test_replay_helpers import make_model, make_probes, make_run, run_spec, snapshot
 
 MEASURES = ("orig_logits_l2", "orig_probs_l2", "kl", "seed_kl", "linear")
-CONFIG = ReplayConfig(UpdateConfig("recorded"), measures=MEASURES)
+CONFIG = ReplayConfig(UpdateConfig("recorded"), measures=MEASURES, precision="float64")
 
 
 def read_arrays(path):
@@ -105,7 +105,7 @@ def test_stored_snapshot_equals_the_engine_on_the_loaded_snapshot(run, reference
 
 
 def test_resume_after_a_failure_between_snapshots_equals_an_uninterrupted_replay(run, reference, monkeypatch):
-    config = ReplayConfig(CONFIG.update, measures=MEASURES, name="killed-between")
+    config = ReplayConfig(CONFIG.update, measures=MEASURES, precision="float64", name="killed-between")
     original = Engine.replay_snapshot
     calls = []
 
@@ -126,7 +126,7 @@ def test_resume_after_a_failure_between_snapshots_equals_an_uninterrupted_replay
 
 
 def test_resume_after_a_failure_inside_a_snapshot_equals_an_uninterrupted_replay(run, reference, monkeypatch):
-    config = ReplayConfig(CONFIG.update, measures=MEASURES, name="killed-inside")
+    config = ReplayConfig(CONFIG.update, measures=MEASURES, precision="float64", name="killed-inside")
     calls = []
 
     def dies_on_second_snapshot(*args, **kwargs):  # measures of snapshot 1 are written by then
@@ -151,7 +151,9 @@ def test_rerun_skips_done_snapshots(run, reference, monkeypatch, capsys):
         raise AssertionError("a done snapshot was replayed again")
 
     monkeypatch.setattr(Engine, "replay_snapshot", must_not_run)
-    again = ReplayConfig(CONFIG.update, measures=MEASURES, device="cpu", memory_budget=12345)
+    again = ReplayConfig(
+        CONFIG.update, measures=MEASURES, precision="float64", device="cpu", memory_budget=12345
+    )
     assert replay(run, again) == reference
     assert "replayed 0 snapshots (3 already done)" in capsys.readouterr().out
 
