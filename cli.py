@@ -50,6 +50,14 @@ class MemorySize(click.ParamType):
             self.fail(f"{value!r} is not a size such as 512MiB or 4GiB", param, ctx)
 
 
+memory_budget_option = click.option(
+    "--memory-budget",
+    type=MemorySize(),
+    default=None,
+    help="Bytes for stacked weight copies, e.g. 2GiB [default: from the device].",
+)
+
+
 def _fail_cleanly(fn):
     """Turn the library's input errors into one-line click errors (exit status 1)."""
     import functools
@@ -161,12 +169,7 @@ def record(preset: str, run_dir: Path, overrides: tuple[str, ...]) -> None:
     help="eps in S = N / (N_self + eps) [default: 1e-8]; use 0 for kl under tiny sgd steps.",
 )
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda or cuda:1.")
-@click.option(
-    "--memory-budget",
-    type=MemorySize(),
-    default=None,
-    help="Bytes for stacked weight copies, e.g. 2GiB [default: from the device].",
-)
+@memory_budget_option
 @click.option("--name", default=None, help="Store name: RUN_DIR/NAME.zarr [default: the update rule].")
 @click.option("--include-self", is_flag=True, help="Keep self pairs i = j in the same-class aggregates.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -314,12 +317,7 @@ def demo(out_dir: Path) -> None:
 )
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Learning rate of the update.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs of each candidate.")
-@click.option(
-    "--memory-budget",
-    type=MemorySize(),
-    default=None,
-    help="Bytes for stacked weight copies, e.g. 2GiB [default: from the device].",
-)
+@memory_budget_option
 @click.option("--no-overhead", is_flag=True, help="Skip the recorder-overhead measurement.")
 @click.option("--grow", is_flag=True, help="Also time the digits MLP against P and the number of snapshots.")
 @click.option(
