@@ -282,13 +282,18 @@ class Engine:
             )
         # ``auto`` decides per snapshot, from that snapshot alone, so that a resumed or distributed
         # replay gives the same arrays as one uninterrupted process.
+        # ``auto`` never refuses: where its fallback cannot resolve a snapshot either (rows whose
+        # update barely moves any output, say), that snapshot is computed in float64.
         arithmetic = self.arithmetic
+        tolerance = self.config.tolerance
         with no_tf32(self.device):
             result = self._replay(snapshot, arithmetic)
             if self.fallback is not None and not result.error_estimate <= AUTO_TARGET:
                 arithmetic = self.fallback
                 result = self._replay(snapshot, arithmetic)
-        tolerance = self.config.tolerance
+                if not result.error_estimate <= tolerance:
+                    arithmetic = EXACT
+                    result = self._replay(snapshot, arithmetic)
         if arithmetic != EXACT and not result.error_estimate <= tolerance:
             change = 1 / result.amplification.nanmedian().item()
             raise ReplayError(
@@ -443,12 +448,18 @@ class Engine:
             norms.append(
                 torch.stack([u.flatten(1).norm(dim=1) for u in updates.values()]).to(exact).norm(dim=0)
             )
-            changed = {k: v.to(exact) for k, v in self._rows(outputs, updates).items()}  # [B, P, C]
+            # A probe whose update is exactly zero leaves every output exactly where it was: its
+            # row of changes is zero, not the rounding noise of two forward passes.
+            moved = norms[-1] > 0  # [B]
+            changed = {
+                k: v.to(exact) * moved[:, None, None] for k, v in self._rows(outputs, updates).items()
+            }  # [B, P, C]
             for name, S in self._measures(base, changed, chunk.to(self.device)).items():
                 measures[name].append(S)
             if need_finite:
                 self_change = changed["finite"][torch.arange(len(chunk)), chunk].abs().amax(-1)
-                amplification.append(base[chunk].abs().amax(-1) / self_change)
+                ratio = base[chunk].abs().amax(-1) / self_change
+                amplification.append(torch.where(moved, ratio, math.nan))  # no rounding where unmoved
             else:
                 amplification.append(torch.ones(len(chunk), dtype=exact, device=self.device))
             if keep:

@@ -109,3 +109,30 @@ class _Branchy(nn.Module):
 def test_a_model_fx_cannot_trace_is_reported():
     with pytest.raises(UnsupportedModel, match="_Branchy"):
         ChangePropagator(_Branchy())
+
+
+def test_a_probe_whose_update_is_zero_moves_nothing_in_every_precision():
+    """A ReLU gate leaves its inactive probes untouched (SPEC §6.2): their update is exactly zero,
+    so are their rows of S; ``auto`` agrees with float64 instead of dividing rounding noise by eps."""
+    from recorder.models import build_model
+    from recorder.runfiles import ModelSpec, RunSpec
+
+    torch.manual_seed(3)
+    spec = RunSpec(ModelSpec("relu_gate", {"in_features": 5}), "regression", "half_sse", num_outputs=1)
+    model = build_model(spec.model).double()
+    x = torch.randn(12, 5, dtype=torch.float64)
+    y = torch.randn(12, 1, dtype=torch.float64)
+    inactive = (model(x) <= 0).flatten()
+    assert 0 < inactive.sum() < len(x)
+    update = UpdateConfig("sgd", lr=1e-2)
+
+    def replayed(precision):
+        config = ReplayConfig(update, measures=("orig_outputs_l2",), precision=precision)
+        return Engine(spec, x, y, config).replay_snapshot(snapshot(model, 1))
+
+    exact, auto = replayed("float64"), replayed("auto")
+    assert (exact.update_norm[inactive] == 0).all()
+    for result in (exact, auto):
+        assert (result.measures["orig_outputs_l2"][inactive] == 0).all()
+    S, S_exact = auto.measures["orig_outputs_l2"], exact.measures["orig_outputs_l2"]
+    assert ((S - S_exact).norm() / S_exact.norm()).item() < 1e-4 and auto.error_estimate < 1e-4
