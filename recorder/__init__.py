@@ -1,7 +1,23 @@
-"""Record a training trajectory into a run directory: the recorder, its schedules and the format."""
+"""Record a training trajectory into a run directory: the recorder, its schedules and the format.
 
-from recorder.recorder import Recorder
-from recorder.runfiles import ModelSpec, RunDir, RunDirError, RunSpec
-from recorder.schedule import Schedule
+The names below are imported on first use, so that the recorder's writer process
+(``python -m recorder.writer``) starts without importing torch.
+"""
 
 __all__ = ["ModelSpec", "Recorder", "RunDir", "RunDirError", "RunSpec", "Schedule"]
+
+
+def __getattr__(name: str):
+    if name == "Recorder":
+        from recorder.recorder import Recorder
+
+        return Recorder
+    if name == "Schedule":
+        from recorder.schedule import Schedule
+
+        return Schedule
+    if name in __all__:
+        from recorder import runfiles
+
+        return getattr(runfiles, name)
+    raise AttributeError(f"module 'recorder' has no attribute {name!r}")

@@ -1,21 +1,23 @@
 """The recorder: snapshots the weights and optimizer state of a training run into a run directory
 (:mod:`recorder.runfiles`) without stalling the training step.
 
-On the training thread, :meth:`Recorder.step` only stages tensors: CUDA tensors are copied into
-reused pinned CPU buffers with non-blocking copies on a side stream (which first waits for the
-training stream; the training stream then waits for the side stream, so the next optimizer step
-cannot overwrite a tensor still being copied, and the CPU never synchronizes); CPU tensors are
-cloned. A background thread waits for the copies, encodes the snapshot and writes it atomically.
-At most ``max_in_flight`` snapshots are staged at once, which bounds the memory used.
+On the training thread, :meth:`Recorder.step` only stages tensors into a free slot of shared
+memory laid out as the snapshot file's payload (:class:`recorder.runfiles.SnapshotLayout`): CPU
+tensors are copied at once; CUDA tensors with non-blocking copies on a side stream into the slot,
+page-locked for the purpose (the side stream first waits for the training stream, and the
+training stream then waits for the side stream, so the next optimizer step cannot overwrite a
+tensor still being copied, and the CPU never synchronizes). Once its copies are complete, a
+snapshot is handed to the writer process (:mod:`recorder.writer`), which writes it atomically.
+At most ``max_in_flight`` snapshots are staged at once, which bounds the memory used (by
+default as many as fit in 64 MiB, from 2 to 8).
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import queue
-import threading
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import numpy
@@ -28,42 +30,41 @@ from recorder.runfiles import (
     LOSSES,
     TASKS,
     ModelSpec,
-    OptimizerRecord,
     RunDirError,
     RunSpec,
-    RunWriter,
-    Snapshot,
+    SnapshotLayout,
+    create_run_dir,
+    optimizer_metadata,
+    snapshot_metadata,
 )
 from recorder.schedule import Schedule
+from recorder.writer import WriterProcess
 
-_STOP = object()  # tells the writer thread to finish
 EVERY_STEP = Schedule.every(1)
 
 
 @dataclass
-class _Slot:
-    """Pinned host buffers for one snapshot in flight, reused across snapshots: key -> tensor."""
+class _Staged:
+    """A snapshot staged in a slot, sent to the writer once ``event`` (its CUDA copies) fired."""
 
-    pinned: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict)
-
-    def buffer_like(self, key: tuple[str, ...], t: torch.Tensor) -> torch.Tensor:
-        buf = self.pinned.get(key)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = self.pinned[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        return buf
+    slot: int
+    nbytes: int
+    header: str
+    step: int
+    epoch: int
+    lr: float | None
+    metrics: dict[str, float]
+    event: torch.cuda.Event | None
 
 
 @dataclass
-class _Pending:
-    """A staged snapshot on its way to the writer thread."""
+class _SlotViews:
+    """A slot's payload as a tensor and its views for one layout, kept while neither changes."""
 
-    step: int
-    epoch: int
-    metrics: dict[str, float]
-    slot: _Slot
-    tensors: dict[tuple[str, ...], torch.Tensor]  # host tensors; valid once every event has fired
-    events: list[torch.cuda.Event]
-    optimizer: tuple[str, list[dict[str, Any]]] | None  # (class name, JSON-safe groups)
+    payload: torch.Tensor  # uint8 [capacity], the shared memory itself
+    pinned: bool  # registered with CUDA (page-locked) for asynchronous copies
+    layout: SnapshotLayout | None = None
+    views: dict[str, torch.Tensor] | None = None
 
 
 class Recorder:
@@ -73,7 +74,12 @@ class Recorder:
     (regression). ``model`` must be what ``build_model(model_spec)`` builds (same parameter and
     buffer names and shapes). ``optimizer`` may be None: then snapshots hold no optimizer state.
     Step 0 (the weights now) is snapshotted at construction, the last step by ``close()``.
-    Errors of the writer thread are raised by the next ``step()``, ``log_epoch()`` or ``close()``.
+    ``max_in_flight``: snapshots staged at once (default: as many as fit in 64 MiB, 2 to 8).
+
+    Snapshots are written by a writer process (``writer_pid``); its errors are raised by a later
+    snapshot (once its answers are read: when the staging slots run out), by ``log_epoch()`` or
+    by ``close()``. Written snapshots are listed in the manifest within about a second, and
+    every snapshot staged before the training process dies is still written.
     """
 
     def __init__(
@@ -89,13 +95,13 @@ class Recorder:
         seed: int | None = None,
         preset: str | None = None,
         extra: dict[str, Any] | None = None,
-        max_in_flight: int = 2,
+        max_in_flight: int | None = None,
     ):
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        if max_in_flight < 1:
+        if max_in_flight is not None and max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         inputs, targets = probes
         num_outputs = _check_model(model, model_spec, inputs)
@@ -125,22 +131,31 @@ class Recorder:
             },
             extra={"schedule": schedule.to_json(), **(extra or {})},
         )
-        self._writer = RunWriter(run_dir, spec, inputs, targets)
+        create_run_dir(run_dir, spec, inputs, targets)
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.step_count = 0  # optimizer steps taken so far
         self.epoch = 0
         self._step_metrics: dict[str, float] = {}  # what step() got at the current step
         self._last_snapshot = -1
+        self._layout: SnapshotLayout | None = None
+        self._signature: list[tuple[str, torch.dtype, torch.Size]] = []  # of the tensors laid out
+        self._optimizer_key: tuple[str, list[dict[str, Any]]] | None = None
+        self._optimizer_json = ""
+        self._slot_views: dict[int, _SlotViews] = {}
+        self._staged: deque[_Staged] = deque()  # staged, not yet sent, in step order
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
-        self._slots: queue.Queue[_Slot] = queue.Queue()
-        for _ in range(max_in_flight):
-            self._slots.put(_Slot())
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._error: BaseException | None = None
         self._closed = False
-        self._thread = threading.Thread(target=self._write_loop, name="recorder-writer", daemon=True)
-        self._thread.start()
-        self._snapshot()
+        self._writer = WriterProcess(run_dir, max_in_flight)
+        try:
+            self._snapshot()
+        except BaseException:
+            self._stop(raise_error=False)
+            raise
+
+    @property
+    def writer_pid(self) -> int:
+        """The process id of the writer process."""
+        return self._writer.process.pid
 
     # ------------------------------------------------------------------------- training thread
 
@@ -155,7 +170,7 @@ class Recorder:
             self.epoch = epoch
         self._step_metrics = {k: float(v) for k, v in metrics.items()}
         if self._step_metrics:
-            self._queue.put(
+            self._writer.log(
                 {"kind": "step", "step": self.step_count, "epoch": self.epoch, **self._step_metrics}
             )
         if self.schedule.due(self.step_count):
@@ -164,26 +179,24 @@ class Recorder:
     def log_epoch(self, epoch: int, **metrics: float) -> None:
         """Log per-epoch metrics (a ``"kind": "epoch"`` row of ``metrics.jsonl``)."""
         self._check_open()
+        self._writer.poll()
         self.epoch = epoch
-        self._queue.put(
-            {
-                "kind": "epoch",
-                "step": self.step_count,
-                "epoch": epoch,
-                **{k: float(v) for k, v in metrics.items()},
-            }
-        )
+        row = {"kind": "epoch", "step": self.step_count, "epoch": epoch}
+        self._writer.log({**row, **{k: float(v) for k, v in metrics.items()}})
+        self._writer.flush_rows()
 
     def close(self) -> None:
         """Snapshot the last step (unless already taken), wait for every write, raise writer errors."""
         if self._closed:
             return
         try:
-            if self._error is None and self._last_snapshot != self.step_count:
+            if self._last_snapshot != self.step_count:
+                self._check_open()
                 self._snapshot()
-        finally:
-            self._stop()
-        self._raise_writer_error()
+        except BaseException:
+            self._stop(raise_error=False)
+            raise
+        self._stop(raise_error=True)
 
     def __enter__(self) -> Recorder:
         return self
@@ -193,78 +206,139 @@ class Recorder:
             self.close()
         else:
             # The weights may be half way through an optimizer step: keep what was recorded, add nothing.
-            self._stop()
+            self._stop(raise_error=False)
 
     def _check_open(self) -> None:
+        """Raise if closed; send staged snapshots whose copies are done."""
         if self._closed:
             raise RuntimeError("the recorder is closed")
-        self._raise_writer_error()
+        if self._staged:
+            self._send_staged(wait=False)
 
-    def _raise_writer_error(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _stop(self) -> None:
+    def _stop(self, raise_error: bool) -> None:
+        """Send what is staged, let the writer finish, release the shared memory."""
         self._closed = True
-        self._queue.put(_STOP)
-        self._thread.join()
+        try:
+            self._send_staged(wait=True)
+        finally:
+            self._writer.close(raise_error=raise_error)
+            for views in self._slot_views.values():
+                if views.pinned:
+                    _unpin(views.payload)
+            self._slot_views.clear()
 
     def _snapshot(self) -> None:
-        """Stage the model (and optimizer) at the current step and queue it for the writer."""
-        tensors: dict[tuple[str, ...], torch.Tensor] = {}
-        tensors.update({("params", n): p for n, p in self.model.named_parameters()})
-        tensors.update({("buffers", n): b for n, b in self.model.named_buffers()})
+        """Stage the model (and optimizer) at the current step into a free slot."""
+        tensors = {f"params.{n}": p.detach() for n, p in self.model.named_parameters()}
+        tensors.update({f"buffers.{n}": b.detach() for n, b in self.model.named_buffers()})
         optimizer = None
         if self.optimizer is not None:
-            groups = [self._group_record(g) for g in self.optimizer.param_groups]
-            optimizer = (type(self.optimizer).__name__, groups)
+            optimizer = self._optimizer_metadata()
             for p, state in self.optimizer.state.items():
                 name = self._param_names[id(p)]
                 for key, value in state.items():
                     if isinstance(value, torch.Tensor):
-                        tensors[("optim", name, key)] = value
+                        tensors[f"optim.{name}.{key}"] = value.detach()
                     elif isinstance(value, float):
-                        tensors[("optim", name, key)] = torch.tensor(value, dtype=torch.float64)
+                        tensors[f"optim.{name}.{key}"] = torch.tensor(value, dtype=torch.float64)
                     elif isinstance(value, int):  # bool included
-                        tensors[("optim", name, key)] = torch.tensor(value)
-        slot = self._slots.get()  # blocks only while max_in_flight snapshots are still being written
+                        tensors[f"optim.{name}.{key}"] = torch.tensor(value)
+        signature = [(name, t.dtype, t.shape) for name, t in tensors.items()]
+        if signature != self._signature:
+            self._layout, self._signature = SnapshotLayout.of(tensors), signature
+        if self._writer.full(self._layout.nbytes):
+            self._send_staged(wait=True)
+        slot, remapped = self._writer.acquire(self._layout.nbytes)
         try:
-            host, events = self._stage(tensors, slot)
+            event = self._copy(tensors, self._views(slot, remapped, tensors))
         except BaseException:
-            self._slots.put(slot)
+            self._writer.release(slot)
             raise
-        self._queue.put(
-            _Pending(self.step_count, self.epoch, self._step_metrics, slot, host, events, optimizer)
+        groups = self._optimizer_key[1] if optimizer is not None else []  # JSON-safe records
+        lr = groups[0].get("lr") if groups else None
+        header = self._layout.header(snapshot_metadata(self.step_count, optimizer))
+        self._staged.append(
+            _Staged(
+                slot,
+                self._layout.nbytes,
+                header,
+                self.step_count,
+                self.epoch,
+                lr if isinstance(lr, float | int) else None,
+                self._step_metrics,
+                event,
+            )
         )
         self._last_snapshot = self.step_count
+        self._send_staged(wait=False)
 
-    def _stage(
-        self, tensors: dict[tuple[str, ...], torch.Tensor], slot: _Slot
-    ) -> tuple[dict[tuple[str, ...], torch.Tensor], list[torch.cuda.Event]]:
-        """Host copies of ``tensors``: CPU ones cloned now, CUDA ones copied asynchronously into
-        the slot's pinned buffers; the returned events fire when those copies are complete."""
-        host: dict[tuple[str, ...], torch.Tensor] = {}
-        on_cuda: dict[torch.device, list[tuple[tuple[str, ...], torch.Tensor]]] = {}
-        for key, t in tensors.items():
-            t = t.detach()
+    def _views(self, slot: int, remapped: bool, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors of the current layout as views of slot ``slot``'s shared memory, pinned
+        when some tensor is on a GPU."""
+        cached = self._slot_views.get(slot)
+        cuda = any(t.is_cuda for t in tensors.values())
+        if cached is None or remapped or (cuda and not cached.pinned):
+            if cached is not None and cached.pinned:
+                _unpin(cached.payload)
+            payload = torch.frombuffer(self._writer.buffers[slot].map, dtype=torch.uint8)
+            if cuda:
+                _pin(payload)
+            cached = self._slot_views[slot] = _SlotViews(payload, cuda)
+        if cached.layout is not self._layout:
+            cached.layout, cached.views = self._layout, self._layout.views(cached.payload)
+        return cached.views
+
+    def _copy(
+        self, tensors: dict[str, torch.Tensor], views: dict[str, torch.Tensor]
+    ) -> torch.cuda.Event | None:
+        """Copy ``tensors`` into their ``views``: CPU ones now, CUDA ones asynchronously on a side
+        stream; the returned event (None without CUDA tensors) fires when the copies are done."""
+        on_cuda: dict[torch.device, list[str]] = {}
+        for name, t in tensors.items():
             if t.is_cuda:
-                on_cuda.setdefault(t.device, []).append((key, t))
+                on_cuda.setdefault(t.device, []).append(name)
             else:
-                host[key] = t.clone()
-        events = []
-        for device, items in on_cuda.items():
+                views[name].copy_(t)
+        event = None
+        for device, names in on_cuda.items():
             if device not in self._streams:
                 self._streams[device] = torch.cuda.Stream(device)
             side, current = self._streams[device], torch.cuda.current_stream(device)
             side.wait_stream(current)  # the copies see every update queued so far
             with torch.cuda.stream(side):
-                for key, t in items:
-                    host[key] = slot.buffer_like(key, t).copy_(t, non_blocking=True)
+                for name in names:
+                    views[name].copy_(tensors[name], non_blocking=True)
             current.wait_stream(side)  # later training work cannot overwrite a tensor mid-copy
             event = torch.cuda.Event()
-            event.record(side)
-            events.append(event)
-        return host, events
+            event.record(side)  # a single device per model: the last device's event suffices
+        return event
+
+    def _send_staged(self, wait: bool) -> None:
+        """Hand staged snapshots to the writer, in step order, once their copies are complete
+        (``wait``: wait for the copies)."""
+        while self._staged:
+            staged = self._staged[0]
+            if staged.event is not None:
+                if not wait and not staged.event.query():
+                    return
+                staged.event.synchronize()
+            self._staged.popleft()
+            self._writer.send_snapshot(
+                staged.slot,
+                staged.nbytes,
+                staged.header,
+                staged.step,
+                epoch=staged.epoch,
+                lr=staged.lr,
+                metrics=staged.metrics,
+            )
+
+    def _optimizer_metadata(self) -> str:
+        """The optimizer's type and hyperparameters as JSON, re-encoded only when they change."""
+        key = (type(self.optimizer).__name__, [self._group_record(g) for g in self.optimizer.param_groups])
+        if key != self._optimizer_key:
+            self._optimizer_key, self._optimizer_json = key, optimizer_metadata(*key)
+        return self._optimizer_json
 
     def _group_record(self, group: dict[str, Any]) -> dict[str, Any]:
         """One parameter group's hyperparameters, JSON-safe, with ``params`` as parameter names."""
@@ -272,60 +346,17 @@ class Recorder:
         record["params"] = [self._param_names[id(p)] for p in group["params"]]
         return record
 
-    # ------------------------------------------------------------------------- writer thread
 
-    def _write_loop(self) -> None:
-        """Write queued metrics rows (batched) and snapshots in order until told to stop."""
-        while True:
-            batch = [self._queue.get()]
-            while not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            rows: list[dict[str, Any]] = []
-            for item in batch:
-                if isinstance(item, dict):
-                    rows.append(item)
-                    continue
-                if rows:
-                    self._guarded(self._writer.log_metrics, *rows)
-                    rows = []
-                if item is _STOP:
-                    return
-                self._guarded(self._write_snapshot, item)
-                self._slots.put(item.slot)
-            if rows:
-                self._guarded(self._writer.log_metrics, *rows)
+def _pin(payload: torch.Tensor) -> None:
+    """Page-lock shared memory for asynchronous device-to-host copies (as torch's own
+    distributed checkpoint stager does)."""
+    code = int(torch.cuda.cudart().cudaHostRegister(payload.data_ptr(), payload.numel(), 1))
+    if code != 0:
+        raise RuntimeError(f"could not page-lock the recorder's shared memory (cudaError {code})")
 
-    def _guarded(self, fn, *args) -> None:
-        """Run ``fn`` unless an earlier write failed; keep its error for the training thread."""
-        if self._error is not None:
-            return
-        try:
-            fn(*args)
-        except BaseException as e:  # noqa: BLE001 - handed to the training thread
-            self._error = e
 
-    def _write_snapshot(self, item: _Pending) -> None:
-        for event in item.events:
-            event.synchronize()
-        parts: dict[str, dict[str, Any]] = {"params": {}, "buffers": {}, "optim": {}}
-        for key, t in item.tensors.items():
-            if key[0] == "optim":
-                parts["optim"].setdefault(key[1], {})[key[2]] = t
-            else:
-                parts[key[0]][key[1]] = t
-        optimizer = None
-        lr = None
-        if item.optimizer is not None:
-            opt_type, groups = item.optimizer
-            optimizer = OptimizerRecord(type=opt_type, groups=groups, state=parts["optim"])
-            lr = groups[0].get("lr") if groups else None
-        snapshot = Snapshot(item.step, parts["params"], parts["buffers"], optimizer)
-        self._writer.add_snapshot(
-            snapshot,
-            epoch=item.epoch,
-            lr=lr if isinstance(lr, float | int) else None,
-            metrics=item.metrics,
-        )
+def _unpin(payload: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(payload.data_ptr())
 
 
 def _json_safe(value: Any) -> Any:

@@ -21,12 +21,10 @@ read from a run directory is executed (JSON and safetensors only, no pickle).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import math
 import os
-import tempfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,17 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-FORMAT_VERSION = 1
+from recorder.trajectory import (  # noqa: F401 - re-exported: the format's writing half
+    FORMAT_VERSION,
+    TrajectoryWriter,
+    atomic_write_bytes,
+    atomic_write_json,
+    finite_or_none,
+    frame_safetensors_header,
+    sha256,
+    snapshot_filename,
+)
+
 TASKS = ("classification", "regression")
 LOSSES = ("cross_entropy", "mse", "half_sse")
 MAX_INT = 2**63 - 1  # steps, epochs and sizes must fit an int64
@@ -49,37 +57,6 @@ class RunDirError(Exception):
 class CorruptSnapshotError(RunDirError):
     """A listed snapshot file is missing, unreadable, truncated or corrupted (its checksum, its
     safetensors encoding or its step disagree with the manifest)."""
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename (crash safe)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # ----------------------------------------------------------------------------- validation helpers
@@ -272,19 +249,105 @@ class Snapshot:
 # ----------------------------------------------------------------------------- snapshot files
 
 
-def encode_snapshot(snapshot: Snapshot) -> bytes:
-    """Serialize a snapshot to safetensors bytes (tensors must be on the CPU)."""
-    tensors = {f"params.{k}": v.contiguous() for k, v in snapshot.params.items()}
-    tensors.update({f"buffers.{k}": v.contiguous() for k, v in snapshot.buffers.items()})
-    metadata = {"step": str(snapshot.step), "format": str(FORMAT_VERSION)}
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+@dataclass(frozen=True)
+class SnapshotLayout:
+    """Where each tensor of a snapshot file lies in its payload (the bytes after the header).
+
+    ``tensors``: file name of a tensor (``params.<name>``, ``buffers.<name>``,
+    ``optim.<param>.<key>``) -> (dtype, shape, begin, end) in bytes; ``nbytes``: the payload's
+    size. Tensors are packed back to back by decreasing element size, then name, so every
+    ``begin`` is a multiple of its element size: a uint8 payload ``[nbytes]`` can be viewed as
+    each tensor in place (:meth:`views`), which lets the recorder stage a snapshot straight into
+    the bytes its writer process writes.
+    """
+
+    tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]
+    nbytes: int
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor]) -> SnapshotLayout:
+        order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+        placed, offset = {}, 0
+        for name in order:
+            t = tensors[name]
+            if t.dtype not in SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which snapshots cannot store")
+            size = t.numel() * t.element_size()
+            placed[name] = (t.dtype, tuple(t.shape), offset, offset + size)
+            offset += size
+        return cls(placed, offset)
+
+    def views(self, payload: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each tensor as a view of ``payload``, a uint8 tensor [nbytes]."""
+        return {
+            name: payload[begin:end].view(dtype).view(shape)
+            for name, (dtype, shape, begin, end) in self.tensors.items()
+        }
+
+    @cached_property
+    def _entries_json(self) -> str:
+        entries = {
+            name: {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
+            for name, (dtype, shape, begin, end) in self.tensors.items()
+        }
+        return json.dumps(entries, separators=(",", ":"))[1:-1]
+
+    def header(self, metadata: dict[str, str]) -> str:
+        """The safetensors header (JSON) of a file with this layout and ``metadata``."""
+        meta = '"__metadata__":' + json.dumps(metadata, separators=(",", ":"))
+        return "{" + meta + ("," + self._entries_json if self.tensors else "") + "}"
+
+
+def snapshot_tensors(snapshot: Snapshot) -> dict[str, torch.Tensor]:
+    """A snapshot's tensors under their names in the file."""
+    tensors = {f"params.{k}": v for k, v in snapshot.params.items()}
+    tensors.update({f"buffers.{k}": v for k, v in snapshot.buffers.items()})
     if snapshot.optimizer is not None:
         for name, state in snapshot.optimizer.state.items():
-            for key, value in state.items():
-                tensors[f"optim.{name}.{key}"] = value.contiguous()
-        metadata["optimizer"] = json.dumps(
-            {"type": snapshot.optimizer.type, "groups": snapshot.optimizer.groups}
-        )
-    return st_save(tensors, metadata=metadata)
+            tensors.update({f"optim.{name}.{key}": value for key, value in state.items()})
+    return tensors
+
+
+def optimizer_metadata(type_name: str, groups: list[dict[str, Any]]) -> str:
+    """The optimizer's entry of a snapshot's metadata: its type and per-group hyperparameters."""
+    return json.dumps({"type": type_name, "groups": groups})
+
+
+def snapshot_metadata(step: int, optimizer: str | None) -> dict[str, str]:
+    """A snapshot file's ``__metadata__``: its step, the format and, when recorded, the optimizer
+    (:func:`optimizer_metadata`)."""
+    metadata = {"step": str(step), "format": str(FORMAT_VERSION)}
+    if optimizer is not None:
+        metadata["optimizer"] = optimizer
+    return metadata
+
+
+def encode_snapshot(snapshot: Snapshot) -> bytes:
+    """A snapshot as the bytes of a safetensors file."""
+    tensors = snapshot_tensors(snapshot)
+    layout = SnapshotLayout.of(tensors)
+    payload = torch.empty(layout.nbytes, dtype=torch.uint8)
+    for name, view in layout.views(payload).items():
+        view.copy_(tensors[name])
+    opt = snapshot.optimizer
+    metadata = snapshot_metadata(
+        snapshot.step, None if opt is None else optimizer_metadata(opt.type, opt.groups)
+    )
+    return frame_safetensors_header(layout.header(metadata)) + payload.numpy().tobytes()
 
 
 def decode_snapshot(data: bytes, where: str) -> Snapshot:
@@ -346,10 +409,6 @@ def _safetensors_metadata(data: bytes, where: str) -> dict[str, str]:
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CorruptSnapshotError(f"{where}: safetensors __metadata__ must map names to strings")
     return meta
-
-
-def snapshot_filename(step: int) -> str:
-    return f"snapshots/step_{step:08d}.safetensors"
 
 
 # ----------------------------------------------------------------------------- the run directory
@@ -465,37 +524,29 @@ class RunDir:
         return rows
 
 
-def finite_or_none(x: float | None) -> float | None:
-    """JSON has no NaN/Inf: store them as null."""
-    return None if x is None or not math.isfinite(x) else float(x)
+def create_run_dir(
+    path: str | os.PathLike, spec: RunSpec, inputs: torch.Tensor, targets: torch.Tensor
+) -> None:
+    """Create a run directory: ``spec.json``, ``probes.safetensors`` (inputs [P, ...], targets [P]
+    or [P, C]) and an empty manifest. Refuses a directory that already holds a run."""
+    path = Path(path)
+    if (path / "manifest.json").exists() or (path / "spec.json").exists():
+        raise RunDirError(f"{path}: already holds a run; choose a new run directory")
+    (path / "snapshots").mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path / "spec.json", spec.to_json())
+    probes = {"inputs": inputs.detach().cpu().contiguous(), "targets": targets.detach().cpu().contiguous()}
+    atomic_write_bytes(path / "probes.safetensors", st_save(probes))
+    TrajectoryWriter(path).write_manifest()
 
 
 class RunWriter:
-    """Synchronous writer of a run directory (the recorder calls it from its writer thread).
-
-    Creates the directory, writes ``spec.json`` and ``probes.safetensors`` once, then adds
-    snapshots one by one: the file first (atomic), the manifest entry after it (atomic rewrite).
-    """
+    """A synchronous writer of a whole run directory from :class:`Snapshot` records (the recorder
+    creates the directory the same way and writes its snapshots from :mod:`recorder.writer`)."""
 
     def __init__(self, path: str | os.PathLike, spec: RunSpec, inputs: torch.Tensor, targets: torch.Tensor):
+        create_run_dir(path, spec, inputs, targets)
         self.path = Path(path)
-        if (self.path / "manifest.json").exists() or (self.path / "spec.json").exists():
-            raise RunDirError(f"{self.path}: already holds a run; choose a new run directory")
-        (self.path / "snapshots").mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path / "spec.json", spec.to_json())
-        probes = {
-            "inputs": inputs.detach().cpu().contiguous(),
-            "targets": targets.detach().cpu().contiguous(),
-        }
-        atomic_write_bytes(self.path / "probes.safetensors", st_save(probes))
-        self.entries: list[SnapshotEntry] = []
-        self._write_manifest()
-
-    def _write_manifest(self) -> None:
-        atomic_write_json(
-            self.path / "manifest.json",
-            {"format": FORMAT_VERSION, "snapshots": [dataclasses.asdict(e) for e in self.entries]},
-        )
+        self._trajectory = TrajectoryWriter(path)
 
     def add_snapshot(
         self,
@@ -505,32 +556,11 @@ class RunWriter:
         metrics: dict[str, float] | None = None,
     ) -> SnapshotEntry:
         """Write one snapshot file, then list it. Steps must increase."""
-        if self.entries and snapshot.step <= self.entries[-1].step:
-            raise ValueError(f"snapshot step {snapshot.step} is not after {self.entries[-1].step}")
-        data = encode_snapshot(snapshot)
-        rel = snapshot_filename(snapshot.step)
-        atomic_write_bytes(self.path / rel, data)
-        entry = SnapshotEntry(
-            step=snapshot.step,
-            epoch=epoch,
-            file=rel,
-            sha256=sha256(data),
-            bytes=len(data),
-            lr=finite_or_none(lr),
-            metrics={k: finite_or_none(float(v)) for k, v in (metrics or {}).items()},
-        )
-        self.entries.append(entry)
-        self._write_manifest()
-        return entry
+        entry = self._trajectory.add_snapshot(snapshot.step, [encode_snapshot(snapshot)], epoch, lr, metrics)
+        self._trajectory.commit()
+        return SnapshotEntry.from_json(entry, str(self.path / "manifest.json"))
 
     def log_metrics(self, *rows: dict[str, Any]) -> None:
-        """Append metrics rows to ``metrics.jsonl``, one fsync for all (a torn line after a crash
-        is skipped on read)."""
-        lines = [
-            json.dumps({k: finite_or_none(v) if isinstance(v, float) else v for k, v in row.items()}) + "\n"
-            for row in rows
-        ]
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
+        """Append metrics rows to ``metrics.jsonl`` durably (see :meth:`TrajectoryWriter.log_metrics`)."""
+        self._trajectory.log_metrics(*rows)
+        self._trajectory.commit()

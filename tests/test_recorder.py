@@ -7,6 +7,7 @@ import copy
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -21,6 +22,8 @@ from recorder.losses import batch_loss, per_sample_loss
 from recorder.models import build_model, register_model
 from recorder.presets import PRESETS, apply_overrides
 from recorder.training import train
+from recorder.writer import MAX_SLOTS, MIN_SLOTS, ROWS_PER_MESSAGE, SLOT_MEMORY, WriterProcess
+from tests.test_replay_helpers import wait_for_writers
 
 
 @register_model("test_bn_mlp")
@@ -250,6 +253,7 @@ def test_sigkill_mid_run_leaves_only_complete_listed_snapshots(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.join(timeout=30)
         assert proc.exitcode == -signal.SIGKILL
+        wait_for_writers(run_dir)  # it writes what it was sent, then exits
 
         run = RunDir(run_dir)
         steps = [e.step for e in run.manifest]
@@ -295,25 +299,64 @@ def test_model_spec_mismatch_is_refused_before_anything_is_written(tmp_path):
 
 def test_writer_errors_surface_on_the_training_thread(tmp_path):
     rec = _recorder(tmp_path / "run", build_model(BN_SPEC), None, Schedule.every(1))
-
-    add_snapshot = rec._writer.add_snapshot
-
-    def disk_full_after_step_0(snapshot, **kwargs):
-        if snapshot.step > 0:
-            raise OSError(28, "No space left on device")
-        return add_snapshot(snapshot, **kwargs)
-
-    rec._writer.add_snapshot = disk_full_after_step_0
-    rec.step()
     deadline = time.monotonic() + 10
-    with pytest.raises(OSError, match="No space left"):
+    while not RunDir(tmp_path / "run").manifest and time.monotonic() < deadline:
+        time.sleep(0.01)
+    shutil.rmtree(tmp_path / "run" / "snapshots")
+    (tmp_path / "run" / "snapshots").write_text("not a directory")  # every later write fails
+    with pytest.raises(OSError, match="writing the snapshot of step 1: NotADirectoryError"):
         while time.monotonic() < deadline:
             rec.step()
             time.sleep(0.01)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="step 1"):
         rec.close()
-    assert not rec._thread.is_alive()
+    assert rec._writer.process.returncode == 0
     assert [e.step for e in RunDir(tmp_path / "run").manifest] == [0]
+
+
+def test_a_killed_writer_process_is_reported(tmp_path):
+    rec = _recorder(tmp_path / "run", build_model(BN_SPEC), None, Schedule.every(1))
+    os.kill(rec.writer_pid, signal.SIGKILL)
+    rec._writer.process.wait()
+    with pytest.raises(RuntimeError, match="writer process exited unexpectedly"):
+        for _ in range(3):
+            rec.step()
+    with pytest.raises(RuntimeError, match="writer process exited unexpectedly"):
+        rec.close()
+
+
+def test_the_writer_process_finishes_what_it_was_sent_when_training_stops(tmp_path):
+    """Closing only the pipe (what the training process's death does): every sent snapshot lands."""
+    model = build_model(BN_SPEC)
+    rec = _recorder(tmp_path / "run", model, None, Schedule.every(1), max_in_flight=4)
+    for _ in range(3):
+        rec.step()
+    rec._send_staged(wait=True)
+    rec._writer.process.stdin.close()
+    assert rec._writer.process.wait(timeout=30) == 0
+    assert [e.step for e in RunDir(tmp_path / "run").manifest] == [0, 1, 2, 3]
+
+
+def test_slots_follow_the_snapshot_size_and_rows_go_out_in_batches(tmp_path):
+    writer = WriterProcess(tmp_path, None)
+    try:
+        assert writer.usable(100_000) == MAX_SLOTS and writer.usable(SLOT_MEMORY // 3) == 3
+        assert writer.usable(SLOT_MEMORY) == MIN_SLOTS
+    finally:
+        writer.close()
+    fixed = WriterProcess(tmp_path, 3)
+    fixed.close()
+    assert fixed.usable(1) == fixed.usable(SLOT_MEMORY) == 3
+
+    rec = _recorder(tmp_path / "run", build_model(BN_SPEC), None, Schedule.every(10**6))
+    for step in range(ROWS_PER_MESSAGE + 5):
+        rec.step(loss=float(step))
+    deadline = time.monotonic() + 10  # a full batch is sent before any snapshot or close()
+    while len(RunDir(tmp_path / "run").metrics()) < ROWS_PER_MESSAGE and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(RunDir(tmp_path / "run").metrics()) == ROWS_PER_MESSAGE
+    rec.close()
+    assert [r["loss"] for r in RunDir(tmp_path / "run").metrics()] == list(range(ROWS_PER_MESSAGE + 5))
 
 
 def test_an_exception_in_the_loop_adds_no_final_snapshot(tmp_path):
@@ -322,7 +365,7 @@ def test_an_exception_in_the_loop_adds_no_final_snapshot(tmp_path):
             rec.step()
             rec.step()
             raise KeyError("boom")
-    assert not rec._thread.is_alive()
+    assert rec._writer.process.returncode == 0
     assert [e.step for e in RunDir(tmp_path / "run").manifest] == [0]
     with pytest.raises(RuntimeError, match="closed"):
         rec.step()

@@ -1,9 +1,11 @@
 """Shared builders of the replay tests: tiny models, probe sets, optimizer records and run
-directories written with :class:`recorder.runfiles.RunWriter` (no tests in here)."""
+directories written with :class:`recorder.runfiles.RunWriter`, and a wait for the recorder's
+writer processes (no tests in here)."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -100,3 +102,24 @@ def make_run(
         done = step
         writer.add_snapshot(snapshot(model, step, optimizer if with_state else None), epoch=step // 2)
     return path
+
+
+def wait_for_writers(run_dir: Path, timeout: float = 60) -> None:
+    """Wait until no recorder writer process of ``run_dir`` runs (after its training process was
+    killed, the writer finishes what it was sent, then exits): found by its command line."""
+    needle = f"recorder.writer\0{run_dir}\0".encode()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = False
+        for proc in Path("/proc").iterdir():
+            try:
+                if needle in (proc / "cmdline").read_bytes():
+                    alive = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            except (OSError, IndexError):
+                continue
+            if alive:
+                break
+        if not alive:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the writer of {run_dir} did not exit")

@@ -1,0 +1,170 @@
+"""The growing part of a run directory: snapshot files, the manifest that lists them and the
+metrics rows, written crash-safely with nothing but the standard library.
+
+It imports neither torch nor safetensors, so the recorder's writer process
+(:mod:`recorder.writer`) starts in milliseconds; :class:`recorder.runfiles.RunWriter` writes
+through the same :class:`TrajectoryWriter`. A snapshot file is a safetensors file: an 8-byte
+little-endian header length, the JSON header (padded with spaces to a multiple of 8 bytes), then
+the tensors' bytes back to back in the order of their offsets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+Buffer = bytes | bytearray | memoryview
+
+
+def atomic_write_bytes(path: str | os.PathLike, *chunks: Buffer, durable: bool = True) -> None:
+    """Write the concatenation of ``chunks`` to ``path`` via a temporary file and a rename, so
+    ``path`` is either absent or complete; ``durable``: fsync the file before the rename and the
+    directory after it, so it is also on disk (else see :func:`fsync_path`)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_path(path.parent)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a directory by its path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def sha256(*chunks: Buffer) -> str:
+    """Hex SHA-256 of the concatenation of ``chunks`` (hashlib releases the GIL on large ones)."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def finite_or_none(x: float | None) -> float | None:
+    """JSON has no NaN/Inf: store them as null."""
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def snapshot_filename(step: int) -> str:
+    return f"snapshots/step_{step:08d}.safetensors"
+
+
+def frame_safetensors_header(header_json: str) -> bytes:
+    """The first bytes of a safetensors file: the header's length (8 bytes, little endian), then
+    the header, padded with spaces so the tensor data starts at a multiple of 8 bytes."""
+    header = header_json.encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header
+
+
+class TrajectoryWriter:
+    """Adds snapshot files and metrics rows to the run directory ``path``; :meth:`commit` makes
+    them durable and lists the new snapshots in ``manifest.json``.
+
+    A snapshot is listed only once its file is on disk, so a crash, even of the machine, leaves
+    only complete, listed snapshots. Committing several snapshots at once costs one round of
+    fsyncs (the recorder's writer process commits once a second, on a thread of its own, so
+    that writing never waits for the disk). The manifest is
+    rewritten atomically from the entries' JSON kept as text, so a long run costs a join, not a
+    re-encoding of every entry.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.steps: list[int] = []  # written, listed or not
+        self._listed: list[str] = []  # each listed entry's JSON
+        self._unlisted: list[dict[str, Any]] = []  # written, not yet durable
+        self._rows_unsynced = False
+
+    def write_manifest(self) -> None:
+        body = ",\n  ".join(self._listed)
+        text = f'{{"format": {FORMAT_VERSION}, "snapshots": [\n  {body}\n]}}\n'
+        atomic_write_bytes(self.path / "manifest.json", text.encode())
+
+    def add_snapshot(
+        self,
+        step: int,
+        chunks: Iterable[Buffer],
+        epoch: int = 0,
+        lr: float | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> dict[str, Any]:
+        """Write the snapshot file of ``step`` (the concatenation of ``chunks``: a framed header and
+        the tensors' bytes) and return its manifest entry, listed by the next :meth:`commit`.
+        Steps must increase."""
+        if self.steps and step <= self.steps[-1]:
+            raise ValueError(f"snapshot step {step} is not after {self.steps[-1]}")
+        chunks = list(chunks)
+        rel = snapshot_filename(step)
+        atomic_write_bytes(self.path / rel, *chunks, durable=False)
+        entry = {
+            "step": step,
+            "epoch": epoch,
+            "file": rel,
+            "sha256": sha256(*chunks),
+            "bytes": sum(memoryview(c).nbytes for c in chunks),
+            "lr": finite_or_none(lr),
+            "metrics": {k: finite_or_none(float(v)) for k, v in (metrics or {}).items()},
+        }
+        self.steps.append(step)
+        self._unlisted.append(entry)
+        return entry
+
+    def log_metrics(self, *rows: dict[str, Any]) -> None:
+        """Append metrics rows to ``metrics.jsonl`` (made durable by the next :meth:`commit`; a
+        torn line after a crash is skipped on read)."""
+        if not rows:
+            return
+        lines = [
+            json.dumps({k: finite_or_none(v) if isinstance(v, float) else v for k, v in row.items()}) + "\n"
+            for row in rows
+        ]
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write("".join(lines))
+        self._rows_unsynced = True
+
+    def take_uncommitted(self) -> tuple[list[dict[str, Any]], bool]:
+        """What was written since the last take: the new entries, and whether rows were appended."""
+        taken = self._unlisted, self._rows_unsynced
+        self._unlisted, self._rows_unsynced = [], False
+        return taken
+
+    def commit(self, taken: tuple[list[dict[str, Any]], bool] | None = None) -> None:
+        """fsync what was written (``taken``, default: everything since the last take), then list
+        the new snapshots. Commits must not run concurrently."""
+        entries, rows = self.take_uncommitted() if taken is None else taken
+        if rows:
+            fsync_path(self.path / "metrics.jsonl")
+        if not entries:
+            return
+        for entry in entries:
+            fsync_path(self.path / entry["file"])
+        fsync_path(self.path / "snapshots")  # the renames
+        self._listed += [json.dumps(entry, sort_keys=True) for entry in entries]
+        self.write_manifest()

@@ -1,0 +1,313 @@
+"""The recorder's writer process: it writes staged snapshots to the run directory, so that the
+training process spends, per snapshot, only the copies into shared memory.
+
+The training process holds a :class:`WriterProcess`: ``slots`` shared-memory buffers (a memfd on
+Linux, an unlinked temporary file elsewhere) whose file descriptors a child Python process
+inherits. For each snapshot the training process copies the tensors into a free slot and sends
+one JSON line on the child's stdin (the slot, the payload's size, the safetensors header, the
+manifest fields and the metrics rows logged since the last line); the child (:func:`serve`,
+``python -m recorder.writer``) writes the file and its manifest entry with
+:mod:`recorder.trajectory` and answers one JSON line on its stdout, which frees the slot.
+
+The child imports only the standard library, so it starts in milliseconds, and it has its own
+interpreter lock: the training thread never waits for it (a writer thread in the training process
+cost a small CPU model 60% to 120% of its step time, in lock hand-overs). When the training
+process dies, the child reads the end of its stdin, writes every snapshot it was sent and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from recorder.trajectory import TrajectoryWriter, frame_safetensors_header
+
+MAX_SLOTS = 8  # shared-memory slots, so snapshots in flight at most
+MIN_SLOTS = 2
+SLOT_MEMORY = 64 << 20  # the slots' memory when the number of slots is not given (bytes)
+ROWS_PER_MESSAGE = 256  # metrics rows are sent with the next snapshot, or once this many wait
+COMMIT_SECONDS = 1.0  # how often written snapshots are made durable and listed
+
+
+class SharedBuffer:
+    """A shared-memory file of at least ``capacity`` bytes, grown on demand; its descriptor is
+    inherited by the writer process."""
+
+    def __init__(self) -> None:
+        if hasattr(os, "memfd_create"):
+            self.fd = os.memfd_create("recorder-slot")
+        else:
+            self.fd = os.dup(tempfile.TemporaryFile().fileno())
+        self.capacity = 0
+        self.map: mmap.mmap | None = None
+
+    def ensure(self, nbytes: int) -> bool:
+        """Make room for ``nbytes``; True when the buffer was remapped (earlier views are stale)."""
+        if nbytes <= self.capacity and self.map is not None:
+            return False
+        self.capacity = max(nbytes, mmap.PAGESIZE, int(self.capacity * 1.25))
+        os.ftruncate(self.fd, self.capacity)
+        self.map = mmap.mmap(self.fd, self.capacity)
+        return True
+
+
+class WriterError(RuntimeError):
+    """The writer process failed, or is gone."""
+
+
+class WriterProcess:
+    """The training process's side: slots to stage into, messages to the child, its answers.
+
+    Errors of the child are raised, as :class:`OSError` (with the child's errno) or
+    :class:`WriterError`, by the next :meth:`poll`, :meth:`acquire` or :meth:`close`.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, slots: int | None = None):
+        self.buffers = [SharedBuffer() for _ in range(slots or MAX_SLOTS)]
+        self._fixed = slots is not None
+        self._free = list(range(len(self.buffers)))
+        self._rows: list[dict[str, Any]] = []
+        self._answers = b""
+        self._error: BaseException | None = None
+        fds = [b.fd for b in self.buffers]
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "recorder.writer", str(run_dir), *map(str, fds)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            pass_fds=fds,
+            env=env,
+        )
+        os.set_blocking(self.process.stdout.fileno(), False)
+
+    @property
+    def in_flight(self) -> int:
+        """Slots acquired and not yet answered for."""
+        return len(self.buffers) - len(self._free)
+
+    def usable(self, nbytes: int) -> int:
+        """How many slots snapshots of ``nbytes`` may use: all when their number was given, else
+        as many as :data:`SLOT_MEMORY` holds, at least :data:`MIN_SLOTS`."""
+        if self._fixed:
+            return len(self.buffers)
+        return max(MIN_SLOTS, min(len(self.buffers), SLOT_MEMORY // max(nbytes, 1)))
+
+    def full(self, nbytes: int) -> bool:
+        """Whether :meth:`acquire` of ``nbytes`` would wait for the child."""
+        return min(self._free, default=len(self.buffers)) >= self.usable(nbytes)
+
+    def acquire(self, nbytes: int) -> tuple[int, bool]:
+        """A free slot with room for ``nbytes`` (waiting for the child while every usable slot is
+        in flight) and whether it was remapped."""
+        while self.full(nbytes):
+            self._read_answers(wait=True)
+        self._raise_error()
+        slot = min(self._free)
+        self._free.remove(slot)
+        return slot, self.buffers[slot].ensure(nbytes)
+
+    def release(self, slot: int) -> None:
+        """Give back a slot that was acquired but will not be sent."""
+        self._free.append(slot)
+
+    def send_snapshot(self, slot: int, nbytes: int, header: str, step: int, **entry: Any) -> None:
+        """Have the child write slot ``slot``'s first ``nbytes`` after the safetensors ``header``
+        as the snapshot of ``step``; ``entry``: ``epoch``, ``lr``, ``metrics`` for the manifest."""
+        self._send({"slot": slot, "nbytes": nbytes, "header": header, "step": step, **entry})
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Queue a metrics row; rows are sent with the next snapshot or in batches."""
+        self._rows.append(row)
+        if len(self._rows) >= ROWS_PER_MESSAGE:
+            self.flush_rows()
+
+    def flush_rows(self) -> None:
+        if self._rows:
+            self._send({})
+
+    def poll(self) -> None:
+        """Take the child's answers so far (freeing slots); raise its error if it had one."""
+        self._read_answers(wait=False)
+        self._raise_error()
+
+    def close(self, raise_error: bool = True) -> None:
+        """Send the remaining rows, let the child finish every snapshot it was sent, wait for it."""
+        try:
+            if self.process.poll() is None:
+                self.flush_rows()
+        except WriterError:
+            pass
+        finally:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+            while self._read_answers(wait=True):
+                pass
+            self.process.wait()
+            for buffer in self.buffers:
+                os.close(buffer.fd)
+        if raise_error:
+            self._raise_error()
+
+    def _send(self, message: dict[str, Any]) -> None:
+        message["rows"], self._rows = self._rows, []
+        try:
+            self.process.stdin.write(json.dumps(message).encode() + b"\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            self._read_answers(wait=False)
+            self._raise_error()
+            raise self._gone() from None
+
+    def _gone(self) -> WriterError:
+        code = self.process.wait()
+        return WriterError(f"the recorder's writer process exited unexpectedly (exit code {code})")
+
+    def _read_answers(self, wait: bool) -> bool:
+        """Read what the child has answered (``wait``: block until something or its exit);
+        False once its stdout is closed."""
+        fd = self.process.stdout.fileno()
+        if wait:
+            select.select([fd], [], [])
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return True
+        if not data:
+            if self.in_flight and self._error is None:
+                self._error = self._gone()
+            self._free = list(range(len(self.buffers)))
+            return False
+        *lines, self._answers = (self._answers + data).split(b"\n")
+        for line in lines:
+            answer = json.loads(line)
+            if answer["slot"] is not None:
+                self._free.append(answer["slot"])
+            if "error" in answer and self._error is None:
+                errno = answer["errno"]
+                self._error = OSError(errno, answer["error"]) if errno else WriterError(answer["error"])
+        return True
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+# ----------------------------------------------------------------------------- the child
+
+
+class _Child:
+    """The writer process: the run's trajectory, the mapped slots, the first failure, and a
+    thread that commits what was written every :data:`COMMIT_SECONDS`."""
+
+    def __init__(self, run_dir: str, fds: list[int]):
+        self.trajectory = TrajectoryWriter(run_dir)
+        self.fds = fds
+        self.maps: dict[int, mmap.mmap] = {}
+        self.error: dict[str, Any] = {}  # the first failure, repeated in every later answer
+        self.lock = threading.Lock()  # the trajectory's state, the error, stdout
+        self.stopping = threading.Event()
+        self.committer = threading.Thread(target=self._commit_every, name="commit")
+
+    def serve(self) -> None:
+        self.committer.start()
+        try:
+            for line in sys.stdin.buffer:
+                self.handle(json.loads(line))
+        finally:
+            self.stopping.set()
+            self.committer.join()
+            self.commit()
+
+    def handle(self, message: dict[str, Any]) -> None:
+        """Write a message's rows and snapshot (listed by a later commit); answer it."""
+        slot = message.get("slot")
+        where = f"the snapshot of step {message['step']}" if slot is not None else "metrics rows"
+
+        def write() -> None:
+            self.trajectory.log_metrics(*message["rows"])
+            if slot is not None:
+                nbytes = message["nbytes"]
+                if slot not in self.maps or len(self.maps[slot]) < nbytes:
+                    self.maps[slot] = mmap.mmap(self.fds[slot], os.fstat(self.fds[slot]).st_size)
+                with memoryview(self.maps[slot]) as payload:
+                    self.trajectory.add_snapshot(
+                        message["step"],
+                        [frame_safetensors_header(message["header"]), payload[:nbytes]],
+                        epoch=message["epoch"],
+                        lr=message["lr"],
+                        metrics=message["metrics"],
+                    )
+
+        with self.lock:
+            self._attempt(where, write)
+            self._answer(slot)
+
+    def commit(self) -> None:
+        """Make what was written durable and list it (the disk's wait outside the lock); a
+        failure is answered at once."""
+        with self.lock:
+            if self.error:
+                return
+            taken = self.trajectory.take_uncommitted()
+        failure = self._failure("the manifest", lambda: self.trajectory.commit(taken))
+        if failure:
+            with self.lock:
+                self.error = self.error or failure
+                self._answer(None)
+
+    def _commit_every(self) -> None:
+        while not self.stopping.wait(COMMIT_SECONDS):
+            self.commit()
+
+    def _answer(self, slot: int | None) -> None:
+        """Tell the training process; once it is gone, go on writing what it sent."""
+        try:
+            os.write(sys.stdout.fileno(), json.dumps({"slot": slot, **self.error}).encode() + b"\n")
+        except BrokenPipeError:
+            pass
+
+    def _attempt(self, where: str, work: Callable[[], None]) -> None:
+        """Do ``work`` unless something failed before; keep the first failure."""
+        if not self.error:
+            self.error = self._failure(where, work)
+
+    @staticmethod
+    def _failure(where: str, work: Callable[[], None]) -> dict[str, Any]:
+        """Do ``work``; its failure as an answer's fields, or nothing."""
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 - reported to the training process
+            return {"error": f"writing {where}: {type(e).__name__}: {e}", "errno": getattr(e, "errno", None)}
+        return {}
+
+
+def serve(run_dir: str, fds: list[int]) -> None:
+    """Write what the training process sends (see the module docstring) until its stdin ends.
+
+    Every message gets an answer (``{"slot": ..}``, with ``error`` and ``errno`` once a write
+    has failed; a failed commit is answered with ``slot`` null). Written snapshots are committed
+    (made durable, then listed) every :data:`COMMIT_SECONDS`, and at the end. After a failure
+    nothing more is written: the manifest stays a prefix of the run.
+    """
+    _Child(run_dir, fds).serve()
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the training process; we finish
+    serve(sys.argv[1], [int(fd) for fd in sys.argv[2:]])
