@@ -48,8 +48,8 @@ class _Staged:
     """A snapshot staged in a slot, sent to the writer once ``event`` (its CUDA copies) fired."""
 
     slot: int
-    nbytes: int
-    header: str
+    layout: SnapshotLayout
+    metadata: dict[str, str]
     step: int
     epoch: int
     lr: float | None
@@ -256,12 +256,11 @@ class Recorder:
             raise
         groups = self._optimizer_key[1] if optimizer is not None else []  # JSON-safe records
         lr = groups[0].get("lr") if groups else None
-        header = self._layout.header(snapshot_metadata(self.step_count, optimizer))
         self._staged.append(
             _Staged(
                 slot,
-                self._layout.nbytes,
-                header,
+                self._layout,
+                snapshot_metadata(self.step_count, optimizer),
                 self.step_count,
                 self.epoch,
                 lr if isinstance(lr, float | int) else None,
@@ -325,8 +324,9 @@ class Recorder:
             self._staged.popleft()
             self._writer.send_snapshot(
                 staged.slot,
-                staged.nbytes,
-                staged.header,
+                staged.layout.nbytes,
+                staged.layout.tensors_json,
+                staged.metadata,
                 staged.step,
                 epoch=staged.epoch,
                 lr=staged.lr,

@@ -38,7 +38,7 @@ from recorder.trajectory import (  # noqa: F401 - re-exported: the format's writ
     atomic_write_bytes,
     atomic_write_json,
     finite_or_none,
-    frame_safetensors_header,
+    safetensors_header,
     sha256,
     snapshot_filename,
 )
@@ -299,17 +299,13 @@ class SnapshotLayout:
         }
 
     @cached_property
-    def _entries_json(self) -> str:
+    def tensors_json(self) -> str:
+        """The tensors' entries of the safetensors header: JSON object members, without braces."""
         entries = {
             name: {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
             for name, (dtype, shape, begin, end) in self.tensors.items()
         }
         return json.dumps(entries, separators=(",", ":"))[1:-1]
-
-    def header(self, metadata: dict[str, str]) -> str:
-        """The safetensors header (JSON) of a file with this layout and ``metadata``."""
-        meta = '"__metadata__":' + json.dumps(metadata, separators=(",", ":"))
-        return "{" + meta + ("," + self._entries_json if self.tensors else "") + "}"
 
 
 def snapshot_tensors(snapshot: Snapshot) -> dict[str, torch.Tensor]:
@@ -347,7 +343,7 @@ def encode_snapshot(snapshot: Snapshot) -> bytes:
     metadata = snapshot_metadata(
         snapshot.step, None if opt is None else optimizer_metadata(opt.type, opt.groups)
     )
-    return frame_safetensors_header(layout.header(metadata)) + payload.numpy().tobytes()
+    return safetensors_header(layout.tensors_json, metadata) + payload.numpy().tobytes()
 
 
 def decode_snapshot(data: bytes, where: str) -> Snapshot:

@@ -75,10 +75,13 @@ def snapshot_filename(step: int) -> str:
     return f"snapshots/step_{step:08d}.safetensors"
 
 
-def frame_safetensors_header(header_json: str) -> bytes:
+def safetensors_header(tensors_json: str, metadata: dict[str, str]) -> bytes:
     """The first bytes of a safetensors file: the header's length (8 bytes, little endian), then
-    the header, padded with spaces so the tensor data starts at a multiple of 8 bytes."""
-    header = header_json.encode()
+    the header, a JSON object of ``__metadata__`` and the tensors' entries ``tensors_json`` (JSON
+    object members, without braces), padded with spaces so the tensor data starts at a multiple
+    of 8 bytes."""
+    members = ['"__metadata__":' + json.dumps(metadata, separators=(",", ":"))]
+    header = ("{" + ",".join(members + ([tensors_json] if tensors_json else [])) + "}").encode()
     header += b" " * (-len(header) % 8)
     return struct.pack("<Q", len(header)) + header
 

@@ -4,8 +4,9 @@ training process spends, per snapshot, only the copies into shared memory.
 The training process holds a :class:`WriterProcess`: ``slots`` shared-memory buffers (a memfd on
 Linux, an unlinked temporary file elsewhere) whose file descriptors a child Python process
 inherits. For each snapshot the training process copies the tensors into a free slot and sends
-one JSON line on the child's stdin (the slot, the payload's size, the safetensors header, the
-manifest fields and the metrics rows logged since the last line); the child (:func:`serve`,
+one JSON line on the child's stdin (the slot, the payload's size, the layout's number and its
+header entries the first time, the file's metadata, the manifest fields and the metrics rows
+logged since the last line); the child (:func:`serve`,
 ``python -m recorder.writer``) writes the file and its manifest entry with
 :mod:`recorder.trajectory` and answers one JSON line on its stdout, which frees the slot.
 
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from recorder.trajectory import TrajectoryWriter, frame_safetensors_header
+from recorder.trajectory import TrajectoryWriter, safetensors_header
 
 MAX_SLOTS = 8  # shared-memory slots, so snapshots in flight at most
 MIN_SLOTS = 2
@@ -79,6 +80,7 @@ class WriterProcess:
         self._rows: list[dict[str, Any]] = []
         self._answers = b""
         self._error: BaseException | None = None
+        self._layouts: dict[str, int] = {}  # tensors_json -> its number, as sent to the child
         fds = [b.fd for b in self.buffers]
         root = str(Path(__file__).resolve().parent.parent)
         env = {
@@ -124,10 +126,19 @@ class WriterProcess:
         """Give back a slot that was acquired but will not be sent."""
         self._free.append(slot)
 
-    def send_snapshot(self, slot: int, nbytes: int, header: str, step: int, **entry: Any) -> None:
-        """Have the child write slot ``slot``'s first ``nbytes`` after the safetensors ``header``
-        as the snapshot of ``step``; ``entry``: ``epoch``, ``lr``, ``metrics`` for the manifest."""
-        self._send({"slot": slot, "nbytes": nbytes, "header": header, "step": step, **entry})
+    def send_snapshot(
+        self, slot: int, nbytes: int, tensors_json: str, metadata: dict[str, str], step: int, **entry: Any
+    ) -> None:
+        """Have the child write slot ``slot``'s first ``nbytes`` as the tensors of the snapshot of
+        ``step``, after a header of ``tensors_json`` and ``metadata`` (see
+        :func:`recorder.trajectory.safetensors_header`); ``entry``: ``epoch``, ``lr``, ``metrics``
+        for the manifest. A layout's ``tensors_json`` goes to the child once, then by number."""
+        message = {"slot": slot, "nbytes": nbytes, "metadata": metadata, "step": step, **entry}
+        layout = self._layouts.get(tensors_json)
+        if layout is None:
+            layout = self._layouts[tensors_json] = len(self._layouts)
+            message["tensors"] = tensors_json
+        self._send({**message, "layout": layout})
 
     def log(self, row: dict[str, Any]) -> None:
         """Queue a metrics row; rows are sent with the next snapshot or in batches."""
@@ -219,6 +230,7 @@ class _Child:
         self.trajectory = TrajectoryWriter(run_dir)
         self.fds = fds
         self.maps: dict[int, mmap.mmap] = {}
+        self.layouts: dict[int, str] = {}  # the tensors' header entries of each layout, by number
         self.error: dict[str, Any] = {}  # the first failure, repeated in every later answer
         self.lock = threading.Lock()  # the trajectory's state, the error, stdout
         self.stopping = threading.Event()
@@ -245,10 +257,13 @@ class _Child:
                 nbytes = message["nbytes"]
                 if slot not in self.maps or len(self.maps[slot]) < nbytes:
                     self.maps[slot] = mmap.mmap(self.fds[slot], os.fstat(self.fds[slot]).st_size)
+                if "tensors" in message:
+                    self.layouts[message["layout"]] = message["tensors"]
+                header = safetensors_header(self.layouts[message["layout"]], message["metadata"])
                 with memoryview(self.maps[slot]) as payload:
                     self.trajectory.add_snapshot(
                         message["step"],
-                        [frame_safetensors_header(message["header"]), payload[:nbytes]],
+                        [header, payload[:nbytes]],
                         epoch=message["epoch"],
                         lr=message["lr"],
                         metrics=message["metrics"],
