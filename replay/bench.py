@@ -12,12 +12,13 @@ times, in one process and on the same snapshot and probes:
   strategy ``auto``), and in every arithmetic of :mod:`replay.plan` with each strategy (``vmap``,
   ``loop``), all computing the loop's measures (every one but ``linear``).
 
-It prints the time of each (median of ``repeats`` runs after a warm-up), the ratios loop /
+It prints the time of each (median of ``repeats`` rounds after a warm-up; each round runs every
+candidate, the loop and the floor once in turn, so drift falls on all alike), the ratios loop /
 engine and engine / floor, the peak memory, and the precision reached: the relative Frobenius
 error of the ``orig`` and ``kl`` matrices against the float64 engine (the bar: 1e-3). It checks
 that the strategy the engine chose is the fastest of the strategies it times (for the arithmetic
-the engine ended with), and reports the recorder's overhead on training steps and how the cost
-grows with ``P`` and with the number of snapshots.
+the engine ended with), and reports the recorder's overhead on training steps (measured by
+:mod:`recorder.bench`) and how the cost grows with ``P`` and with the number of snapshots.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import gc
 import math
 import os
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,11 +38,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from recorder.bench import recorder_overhead
 from recorder.losses import batch_loss
 from recorder.models import build_model
-from recorder.recorder import Recorder
 from recorder.runfiles import ModelSpec, RunSpec, Snapshot
-from recorder.schedule import Schedule
 from replay.config import ReplayConfig, UpdateConfig
 from replay.engine import Engine, no_tf32
 from replay.plan import ARITHMETIC, STRATEGIES, activations_per_sample
@@ -210,6 +209,30 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[fl
     return statistics.median(times), memory.peak, result
 
 
+def timed_together(
+    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int
+) -> dict[str, tuple[float, int, Any]]:
+    """:func:`timed` for several functions at once: one warm-up call each (its peak memory
+    measured), then ``repeats`` rounds that call every function once in turn, so that the drift
+    of a shared machine, and whatever the first of them pays, falls on all alike. Per name: the
+    median seconds, the warm-up's peak memory (bytes) and the last result."""
+    peaks, results, times = {}, {}, {name: [] for name in fns}
+    for name, fn in fns.items():
+        with PeakMemory(device) as memory:
+            results[name] = fn()
+        peaks[name] = memory.peak
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            results[name] = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), peaks[name], results[name]) for name in fns}
+
+
 def relative_error(measures: dict[str, Tensor], reference: dict[str, Tensor]) -> float:
     """Largest over :data:`COMPARED` of ``||S - S_ref||_F / ||S_ref||_F`` (finite reference entries)."""
     errors = []
@@ -269,12 +292,26 @@ def bench_case(
         for arithmetic in ARITHMETIC
         for strategy in STRATEGIES
     }
+    engines = {key: Engine(case.spec, case.inputs, case.targets, config) for key, config in configs.items()}
+    budget = memory_budget or engines["auto"].budget
+
+    def untf32(fn: Callable[[], Any]) -> Callable[[], Any]:
+        """``fn`` with TF32 off, like the engine: full float32 convolutions and matmuls on a GPU."""
+
+        def run() -> Any:
+            with no_tf32(device):
+                return fn()
+
+        return run
+
+    fns = {key: (lambda e=engine: e.replay_snapshot(case.snapshot)) for key, engine in engines.items()}
+    fns["loop"] = untf32(lambda: loop_measures(case, update, device))
+    fns["floor"] = untf32(lambda: floor(case, device, budget))
+    timings = timed_together(fns, device, repeats)
+    (loop_seconds, loop_memory, loop), (floor_seconds, floor_memory, _) = timings["loop"], timings["floor"]
     candidates, results = {}, {}
-    for key, config in configs.items():
-        engine = Engine(case.spec, case.inputs, case.targets, config)
-        seconds, memory, results[key] = timed(
-            lambda e=engine: e.replay_snapshot(case.snapshot), device, repeats
-        )
+    for key, engine in engines.items():
+        seconds, memory, results[key] = timings[key]
         candidates[key] = {
             "seconds": seconds,
             "peak_bytes": memory,
@@ -285,10 +322,6 @@ def bench_case(
     reference = results["float64/vmap"].measures
     for key, result in results.items():
         candidates[key]["error"] = relative_error(result.measures, reference)
-    budget = memory_budget or Engine(case.spec, case.inputs, case.targets, base).budget
-    with no_tf32(device):  # like the engine: full float32 convolutions and matmuls on a GPU
-        loop_seconds, loop_memory, loop = timed(lambda: loop_measures(case, update, device), device, repeats)
-        floor_seconds, floor_memory, _ = timed(lambda: floor(case, device, budget), device, repeats)
     engine = candidates["auto"]
     arithmetic, strategy = engine["plan"].split("/")
     by_strategy = {s: candidates[f"{arithmetic}/{s}"]["seconds"] for s in STRATEGIES}
@@ -314,77 +347,6 @@ def bench_case(
         "fastest_strategy": fastest,
         # the chosen strategy counts as the fastest within 10%, the noise of a shared machine
         "chosen_is_fastest": by_strategy[strategy] <= 1.1 * by_strategy[fastest],
-    }
-
-
-def recorder_overhead(device: torch.device, steps: int = 270, rounds: int = 5) -> dict[str, Any]:
-    """Training step time with a recorder (snapshots every 9 steps) and without: the digits MLP
-    on a CPU (batch 32, one thread, as its preset trains), ResNet-18 on a GPU (batch 256).
-
-    Blocks of ``steps`` steps alternate between the two, ``rounds`` times each; the overhead is
-    the ratio of the median block times minus one.
-    """
-    torch.manual_seed(0)
-    if device.type == "cuda":
-        spec = ModelSpec("resnet18_nonorm", {"num_outputs": 3})
-        generator = torch.Generator().manual_seed(0)
-        x, y = _blobs(256, 0, generator)
-        batch = 256
-    else:
-        spec = ModelSpec("mlp", {"in_features": 64, "num_outputs": 10, "hidden": [128]})
-        x, y, _, _ = _digits(1, image=False)
-        batch = 32
-    x, y = x.to(device), y.to(device)
-    model = build_model(spec).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    probes = (x[:30].cpu(), y[:30].cpu())
-    generator = torch.Generator().manual_seed(1)
-
-    def block(recorder: Recorder | None) -> float:
-        order = torch.randint(len(x), (steps, batch), generator=generator).to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for index in order:
-            optimizer.zero_grad(set_to_none=True)
-            loss = batch_loss("cross_entropy", model(x[index]), y[index])
-            loss.backward()
-            optimizer.step()
-            if recorder is not None:
-                recorder.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    plain, recorded = [], []
-    try:
-        block(None)  # warm-up
-        with tempfile.TemporaryDirectory() as tmp:
-            for r in range(rounds):
-                plain.append(block(None))
-                schedule = Schedule.every(9)
-                with Recorder(
-                    f"{tmp}/run{r}",
-                    model,
-                    optimizer,
-                    probes,
-                    spec,
-                    "classification",
-                    "cross_entropy",
-                    schedule,
-                ) as rec:
-                    recorded.append(block(rec))
-    finally:
-        torch.set_num_threads(threads)
-    base, with_recorder = statistics.median(plain), statistics.median(recorded)
-    return {
-        "model": spec.factory,
-        "step_seconds": base / steps,
-        "step_seconds_recorded": with_recorder / steps,
-        "overhead": with_recorder / base - 1,
     }
 
 
@@ -488,8 +450,10 @@ def run_benchmark(
         report["recorder"] = recorder_overhead(target)
         r = report["recorder"]
         echo(
-            f"recorder overhead ({r['model']}, snapshot every 9 steps): {r['step_seconds'] * 1e3:.2f} ms "
-            f"-> {r['step_seconds_recorded'] * 1e3:.2f} ms a step, {100 * r['overhead']:+.1f}%"
+            f"recorder overhead ({r['model']}, snapshot every {r['snapshot_every']} steps): "
+            f"{r['step_seconds'] * 1e3:.2f} ms -> {r['step_seconds_recorded'] * 1e3:.2f} ms a step, "
+            f"{100 * r['overhead']:+.1f}% (median of paired blocks; {100 * r['inside_step']:.1f}% "
+            "inside recorder.step())"
         )
     if grow:
         report["scaling"] = scaling(target, update, memory_budget, repeats)

@@ -126,13 +126,27 @@ class ChangePropagator:
             elif node.op != "output":
                 args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n.name])
                 values[node.name] = self._call(node, args, kwargs, state)
+        return self.retype(BaseState(values, state, {}, torch.float64), dtype)
+
+    def retype(self, base: BaseState, dtype: torch.dtype) -> BaseState:
+        """``base`` with :meth:`change` working in ``dtype`` (the float64 values are shared, not
+        recomputed: one evaluation serves a float32 pass and a float64 reference)."""
+        values = {k: v for k, v in base.values.items() if not k.endswith("/work")}
         values |= {f"{k}/work": v.to(dtype) for k, v in list(values.items()) if isinstance(v, Tensor)}
         weighted = [
             f"{n.target}.weight"
             for n in self.nodes
             if n.op == "call_module" and isinstance(self.modules[n.target], _WEIGHTED_MODULES)
         ]
+        state = base.state
         return BaseState(values, state, {k: state[k].to(dtype) for k in weighted if k in state}, dtype)
+
+    def outputs(self, base: BaseState) -> Tensor:
+        """The model's outputs at the weights of ``base`` (float64): ``f(x; w)`` ``[P, C]``."""
+        out = self.nodes[-1].args[0]
+        if self.nodes[-1].op != "output" or not isinstance(out, fx.Node):
+            raise UnsupportedModel("the traced graph does not return one tensor")
+        return base.values[out.name]
 
     def change(
         self, base: BaseState, update: dict[str, Tensor], finite: bool = True, linear: bool = False

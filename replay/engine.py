@@ -36,11 +36,14 @@ Per-sample gradients: the loss is evaluated in float64 on the outputs in every a
 loss gradient ``softmax - one-hot`` of a well fitted probe cancels, in float32 by up to a half).
 For ``cross_entropy`` the network runs in the fast dtype (the logits' own rounding does not
 matter there); for squared losses, whose residual ``f - y`` cancels in the forward pass itself,
-in the exact dtype.
+in the exact dtype. A float32 difference takes its base outputs ``f(x; w)`` in float32 from that
+same pass when one block holds every probe.
 
-Error estimate of every arithmetic but float64: the ``CHECK_ROWS`` rows with the largest
-amplification ``max|f(x_i)| / max|D[i, i]|`` (the rows with the most rounding error) are
-recomputed from the same updates, on those rows' own probes and ``CHECK_COLUMNS`` others, with
+Error estimate of every arithmetic but float64: the :func:`check_rows` rows (``CHECK_ROWS``,
+fewer below ``CHECK_ROWS * CHECK_SHARE`` probes, at least one) with the largest amplification
+``max|f(x_i)| / max|D[i, i]|`` (the rows with the most rounding error) are recomputed from the
+same updates, on those rows' own probes and ``CHECK_COLUMNS`` others (on every probe when that
+is most of them: the check then shares the pass's float64 evaluation of the model), with
 the changes propagated by :mod:`replay.difference` (no cancellation): in float32 for the
 arithmetics that difference (its own error, at most 1e-6, is the floor of the estimate), in
 float64 for ``mixed``; for a model ``torch.fx`` cannot trace, as a float64 difference. The
@@ -70,7 +73,7 @@ from recorder.losses import per_sample_loss
 from recorder.models import build_model, check_state_matches
 from recorder.runfiles import RunDirError, RunSpec, Snapshot
 from replay.config import ReplayConfig, ReplayError, ReplayWarning
-from replay.difference import ChangePropagator, UnsupportedModel
+from replay.difference import BaseState, ChangePropagator, UnsupportedModel
 from replay.measures import Changes, ratio, resolve_measures
 from replay.plan import (
     ARITHMETIC,
@@ -84,14 +87,23 @@ from replay.plan import (
 )
 from replay.updates import update_rule
 
-CHECK_ROWS = 4  # rows recomputed in float64 to estimate the error of the other arithmetics
+CHECK_ROWS = 4  # rows recomputed to estimate the error of the other arithmetics (at most)
 CHECK_COLUMNS = 4  # probes they are recomputed on, besides their own
+CHECK_SHARE = 8  # rows per checked row: the check costs at most about a quarter of the pass (check_rows)
 AUTO_TARGET = 1e-4  # largest estimated error at which 'auto' keeps the float32 difference
 # relative error of changes propagated by replay.difference (float32: measured at most 8e-7 on the
 # built-in models, tests/test_precision.py), the floor of an error estimate checked against them
 PROPAGATION_ERROR = {torch.float32: 1e-6, torch.float64: torch.finfo(torch.float64).eps}
 EXACT = ARITHMETIC["float64"]
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def check_rows(num_probes: int) -> int:
+    """How many rows the error estimate recomputes: ``CHECK_ROWS``, fewer for few probes (one row
+    per ``CHECK_SHARE`` probes, at least one, the row with the most rounding error), so that the
+    check (two products a layer, on ``R`` rows and about ``R + CHECK_COLUMNS`` probes) stays a
+    fraction of the ``P x P`` pass it checks instead of doubling it at small ``P``."""
+    return max(1, min(CHECK_ROWS, num_probes // CHECK_SHARE))
 
 
 @dataclass
@@ -121,21 +133,27 @@ def per_sample_grads(
     y: Tensor,
     loss_dtype: torch.dtype | None = None,
     strategy: str = "vmap",
-) -> dict[str, Tensor]:
+    with_outputs: bool = False,
+) -> dict[str, Tensor] | tuple[dict[str, Tensor], Tensor]:
     """Gradient of each sample's loss alone: x ``[B, ...]``, y ``[B]`` or ``[B, C]`` -> name ->
     ``[B, *shape]`` (in the dtype of ``params``). ``loss_dtype``: the dtype the outputs are cast
-    to before the loss (default: theirs); ``strategy``: ``vmap`` over the samples or a ``loop``."""
+    to before the loss (default: theirs); ``strategy``: ``vmap`` over the samples or a ``loop``;
+    ``with_outputs``: also return the model's outputs ``[B, C]`` (in the dtype of ``params``),
+    which the pass computes anyway."""
 
-    def sample_loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+    def sample_loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> tuple[Tensor, Tensor]:
         outputs = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
-        outputs = outputs if loss_dtype is None else outputs.to(loss_dtype)
-        yi = yi.to(outputs.dtype) if yi.is_floating_point() else yi
-        return per_sample_loss(loss, outputs, yi.unsqueeze(0))[0]
+        cast = outputs if loss_dtype is None else outputs.to(loss_dtype)
+        yi = yi.to(cast.dtype) if yi.is_floating_point() else yi
+        return per_sample_loss(loss, cast, yi.unsqueeze(0))[0], outputs[0].detach()
 
     if strategy == "vmap":
-        return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
-    rows = [grad(sample_loss)(params, x[b], y[b]) for b in range(len(x))]
-    return {k: torch.stack([r[k] for r in rows]) for k in params}
+        grads, outputs = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))(params, x, y)
+    else:
+        rows = [grad(sample_loss, has_aux=True)(params, x[b], y[b]) for b in range(len(x))]
+        grads = {k: torch.stack([r[0][k] for r in rows]) for k in params}
+        outputs = torch.stack([r[1] for r in rows])
+    return (grads, outputs) if with_outputs else grads
 
 
 @functools.cache
@@ -189,6 +207,9 @@ class _Kept:
     rows: Tensor
     amplification: Tensor
     updates: dict[str, Tensor]
+    # every node's float64 value on all P probes (:meth:`ChangePropagator.base`), when the check
+    # runs on all probes and can share it instead of evaluating the model again
+    base: BaseState | None = None
 
     def merge(self, rows: Tensor, amplification: Tensor, updates: dict[str, Tensor], keep: int) -> _Kept:
         """The ``keep`` rows with the largest amplification of these and the new ``rows`` (whose
@@ -196,6 +217,13 @@ class _Kept:
         amplification = torch.cat([self.amplification, amplification.nan_to_num(math.inf)])
         top = amplification.argsort(descending=True, stable=True)[:keep]
         old, new = top[top < len(self.rows)], top[top >= len(self.rows)] - len(self.rows)
+        if not len(old):  # the first block, or nothing kept survives: one copy, not two
+            return _Kept(
+                rows=rows[new],
+                amplification=amplification[len(self.rows) + new],
+                updates={k: u[new.to(u.device)] for k, u in updates.items()},
+                base=self.base,
+            )
         return _Kept(
             rows=torch.cat([self.rows[old], rows[new]]),
             amplification=torch.cat([amplification[old], amplification[len(self.rows) + new]]),
@@ -203,6 +231,7 @@ class _Kept:
                 k: torch.cat([v[old.to(v.device)], updates[k][new.to(v.device)]])
                 for k, v in self.updates.items()
             },
+            base=self.base,
         )
 
 
@@ -319,8 +348,11 @@ class Engine:
         if arithmetic == EXACT:
             result.error_estimate = rounding
             return result
-        columns = torch.linspace(0, len(self.inputs) - 1, CHECK_COLUMNS).round().long()
-        columns = torch.cat([kept.rows, columns]).unique()  # sorted
+        if kept.base is not None:  # the check covers every probe: share the pass's base values
+            columns = torch.arange(len(self.inputs))
+        else:
+            columns = torch.linspace(0, len(self.inputs) - 1, CHECK_COLUMNS).round().long()
+            columns = torch.cat([kept.rows, columns]).unique()  # sorted
         # by propagation the reference has no cancellation: float32 checks a float32 difference
         # well, float64 checks the propagation itself; without it, a float64 difference
         dtype = torch.float64 if arithmetic.propagate or self.propagator is None else torch.float32
@@ -369,23 +401,28 @@ class Engine:
         base: Tensor,
         dtype: torch.dtype,
         propagate: bool,
+        propagated: BaseState | None = None,
+        fast_base: Tensor | None = None,
     ) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
         """The function of one update ``u`` (name -> ``[*shape]``, in ``dtype``) that gives what the
         measures need of ``"finite"``, ``f(x; w + u) - f(x; w)``, and ``"linear"``, ``J . u``
         (``[P, C]`` each, in ``dtype``): propagated by :mod:`replay.difference`, or as a difference of
         two forward passes and ``torch.func.jvp``. ``params``, ``buffers``, ``x`` and ``base``
-        (``f(x; w)``): in the exact dtype."""
+        (``f(x; w)``): in the exact dtype; ``propagated``: :meth:`ChangePropagator.base` of them, if
+        already evaluated; ``fast_base``: ``f(x; w)`` in ``dtype``, if already evaluated."""
         finite, linear = self._needs()
         if propagate:
-            propagated = self.propagator.base(params, buffers, x, dtype)
-            return lambda u: self.propagator.change(propagated, u, finite, linear)
+            if propagated is None:
+                propagated = self.propagator.base(params, buffers, x, dtype)
+            return self._propagation(propagated, dtype)
         params = {k: v.to(dtype) for k, v in params.items()}
         buffers, x = {k: v.to(dtype) for k, v in buffers.items()}, x.to(dtype)
 
         def forward(p: dict[str, Tensor]) -> Tensor:  # f(x; p) [P, C]
             return functional_call(self.model, (p, buffers), (x,))
 
-        base = base if base.dtype == dtype else forward(params)
+        if base.dtype != dtype:
+            base = fast_base if fast_base is not None else forward(params)
 
         def outputs(u: dict[str, Tensor]) -> dict[str, Tensor]:
             moved = {k: params[k] + u[k] for k in params}
@@ -393,6 +430,21 @@ class Engine:
             return out | ({"linear": jvp(forward, (params,), (u,))[1]} if linear else {})
 
         return outputs
+
+    def _propagation(
+        self, propagated: BaseState, dtype: torch.dtype
+    ) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+        """:meth:`_changes` by :mod:`replay.difference` from its base values, working in ``dtype``."""
+        finite, linear = self._needs()
+        if propagated.dtype != dtype:
+            propagated = self.propagator.retype(propagated, dtype)
+        return lambda u: self.propagator.change(propagated, u, finite, linear)
+
+    def _check_everything(self, keep: int) -> bool:
+        """Whether the check of ``keep`` rows runs on every probe: with few probes its own columns
+        and ``CHECK_COLUMNS`` others would be most of them, and then it shares the pass's
+        evaluation of the model (needs :mod:`replay.difference`)."""
+        return self.propagator is not None and 2 * (keep + CHECK_COLUMNS) >= len(self.inputs)
 
     def _needs(self) -> tuple[bool, bool]:
         """Whether the measures need the finite change and the Jacobian-vector product."""
@@ -407,27 +459,41 @@ class Engine:
         }
 
     def _evaluate(self, snapshot: Snapshot, arithmetic: Arithmetic) -> tuple[SnapshotResult, _Kept]:
-        """Every row of ``snapshot`` in ``arithmetic``, and the updates of the ``CHECK_ROWS`` rows
-        with the largest amplification (none in float64)."""
+        """Every row of ``snapshot`` in ``arithmetic``, and the updates of the :func:`check_rows`
+        rows with the largest amplification (none in float64)."""
         exact, fast = arithmetic.exact, arithmetic.fast
         params, buffers = self._state(snapshot, exact)
         x, y = self._cast(self.inputs, exact), self._cast(self.targets, exact)
-        base = functional_call(self.model, (params, buffers), (x,))  # [P, C]
+        keep = 0 if arithmetic == EXACT else check_rows(len(x))
+        # One float64 evaluation of every node serves the propagation and, when the check covers
+        # every probe, the check too (not float32's: its check needs float64 base values); the
+        # base outputs are its last node.
+        share = keep and exact == torch.float64 and self._check_everything(keep)
+        propagated = None
+        if self.propagator is not None and (arithmetic.propagate or share):
+            propagated = self.propagator.base(params, buffers, x, fast)
+            base = self.propagator.outputs(propagated)  # [P, C]
+        else:
+            base = functional_call(self.model, (params, buffers), (x,))  # [P, C]
         need_finite = self._needs()[0]
-        outputs = self._changes(params, buffers, x, base, fast, arithmetic.propagate)
         # cross-entropy: network in the fast dtype, loss in float64; squared losses: all exact
         network = fast if self.loss == "cross_entropy" else exact
+        chunks = torch.arange(len(x)).split(self.rows_per_chunk(arithmetic.name))
+        # A difference in the fast dtype needs the fast base outputs f(x; w): in one block with
+        # the network in that dtype, the per-sample pass gives them (no forward pass of its own).
+        fast_base = len(chunks) == 1 and network == fast != exact and not arithmetic.propagate
+        outputs = None
         update_params = {k: v.to(fast) for k, v in params.items()}
         grad_params = update_params if network == fast else params
         grad_buffers, grad_x = {k: v.to(network) for k, v in buffers.items()}, x.to(network)
-        keep = 0 if arithmetic == EXACT else CHECK_ROWS
         kept = _Kept(
             rows=torch.zeros(0, dtype=torch.long),
             amplification=torch.zeros(0, dtype=exact),
             updates={k: v.new_zeros((0, *v.shape)) for k, v in update_params.items()},
+            base=propagated if share else None,
         )
         norms, amplification, measures = [], [], {m.name: [] for m in self.measures}
-        for chunk in torch.arange(len(x)).split(self.rows_per_chunk(arithmetic.name)):
+        for chunk in chunks:
             grads = per_sample_grads(
                 self.model,
                 self.loss,
@@ -437,7 +503,13 @@ class Engine:
                 y[chunk],
                 torch.float64,
                 self.strategy,
+                with_outputs=fast_base,
             )
+            grads, fast_outputs = grads if fast_base else (grads, None)
+            if outputs is None:
+                outputs = self._changes(
+                    params, buffers, x, base, fast, arithmetic.propagate, propagated, fast_outputs
+                )
             try:
                 updates = self.update(
                     update_params, {k: g.to(fast) for k, g in grads.items()}, snapshot.optimizer
@@ -479,10 +551,18 @@ class Engine:
         """The measures of the kept rows on the probes ``columns`` ``[J]`` from the kept updates, the
         changes propagated in ``dtype`` by :mod:`replay.difference` (for a model it cannot trace: a
         difference), the rest in float64: name -> ``[R, J]``."""
-        params, buffers = self._state(snapshot, torch.float64)
-        x = self._cast(self.inputs[columns], torch.float64)
-        base = functional_call(self.model, (params, buffers), (x,))  # [J, C]
-        outputs = self._changes(params, buffers, x, base, dtype, self.propagator is not None)
+        propagated = kept.base  # every probe, evaluated by the pass itself (or None)
+        if propagated is None:
+            params, buffers = self._state(snapshot, torch.float64)
+            x = self._cast(self.inputs[columns], torch.float64)
+            if self.propagator is None:  # a float64 difference
+                base = functional_call(self.model, (params, buffers), (x,))  # [J, C]
+                outputs = self._changes(params, buffers, x, base, dtype, False)
+            else:
+                propagated = self.propagator.base(params, buffers, x, dtype)
+        if propagated is not None:
+            base = self.propagator.outputs(propagated)  # [J, C]
+            outputs = self._propagation(propagated, dtype)
         changed = self._rows(outputs, {k: v.to(dtype) for k, v in kept.updates.items()})
         own = torch.searchsorted(columns, kept.rows)  # the column of each row's own probe
         changed = {k: v.to(torch.float64) for k, v in changed.items()}

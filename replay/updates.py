@@ -97,10 +97,30 @@ def adam_step(
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     if amsgrad:
         exp_avg_sq = torch.maximum(_state(state, "max_exp_avg_sq", w), exp_avg_sq)
-    denom = exp_avg_sq.sqrt_().div_(bias_correction2_sqrt).add_(eps)  # fresh tensors: in place
+    denom = _denominator(exp_avg_sq, bias_correction2_sqrt, eps)  # fresh tensors: in place
     if decay is None:  # addcdiv(0, exp_avg, denom, value) without a tensor of zeros
         return exp_avg.mul_(-lr / bias_correction1).div_(denom)
     return torch.addcdiv(decay, exp_avg, denom, value=-lr / bias_correction1)
+
+
+def _denominator(exp_avg_sq: Tensor, bias_correction2_sqrt: float, eps: float) -> Tensor:
+    """``exp_avg_sq.sqrt_().div_(bias_correction2_sqrt).add_(eps)`` (in place, ``exp_avg_sq >= 0``),
+    the same values, faster on a CPU.
+
+    torch's CPU square root (MKL's vector math) takes a slow path on exact zeros (8 times the time
+    of other values, measured on an AMD EPYC), and most entries of a ReLU network's per-sample
+    gradients, so of ``exp_avg_sq``, are exact zeros (84% of ResNet-18's in ``cli.py bench``).
+    Where every value below the smallest normal number ``tiny`` ends as ``eps`` (checked: the
+    result for ``tiny`` equals the one for zero, in the tensor's dtype; rounding is monotone, so
+    then so does every value between), those values are raised to ``tiny`` before the root: no
+    zero reaches it and no result changes (``eps`` of 1e-8 in float32 or float64, say).
+    """
+    if exp_avg_sq.device.type == "cpu":
+        tiny = torch.finfo(exp_avg_sq.dtype).tiny
+        ends = torch.tensor([0.0, tiny], dtype=exp_avg_sq.dtype).sqrt_().div_(bias_correction2_sqrt).add_(eps)
+        if ends[0] == ends[1]:
+            exp_avg_sq.clamp_min_(tiny)
+    return exp_avg_sq.sqrt_().div_(bias_correction2_sqrt).add_(eps)
 
 
 def _state(state: dict[str, Tensor], key: str, w: Tensor) -> Tensor:

@@ -9,7 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from cli import main
-from replay.bench import PeakMemory, bench_case, floor, make_case, recorder_overhead
+from recorder.bench import recorder_overhead
+from replay.bench import PeakMemory, bench_case, floor, make_case
 from replay.config import UpdateConfig
 from replay.plan import ARITHMETIC, STRATEGIES
 
@@ -42,8 +43,9 @@ def test_peak_memory_sees_an_allocation_on_the_cpu():
 
 
 def test_recorder_overhead_compares_step_times_with_and_without_snapshots():
-    result = recorder_overhead(CPU, steps=18, rounds=1)
+    result = recorder_overhead(CPU, steps=18, rounds=2)
     assert result["model"] == "mlp" and result["step_seconds"] > 0 and result["step_seconds_recorded"] > 0
+    assert 0 < result["inside_step"] < 1 and -1 < result["overhead"]
 
 
 def test_cli_bench_prints_the_table_and_writes_json(tmp_path):

@@ -19,7 +19,7 @@ from replay.plan import (
     choose_strategy,
     rows_per_chunk,
 )
-from tests.test_replay_helpers import make_probes, run_spec
+from tests.test_replay_helpers import make_model, make_probes, run_spec, snapshot
 
 SMALL = ModelFacts(num_params=1000, activations=10, traceable=True)
 
@@ -80,3 +80,23 @@ def test_engine_reports_its_plan_and_honours_a_configured_strategy():
     plan = engine.arithmetic.name, engine.fallback.name, engine.strategy, engine.rows_per_chunk("mixed")
     assert plan == ("difference32", "mixed", "loop", 1)
     assert engine.facts.traceable and engine.facts.num_params == 6 * 8 + 8 + 8 * 3 + 3
+
+
+def test_the_error_check_stays_a_fraction_of_the_pass_at_small_p():
+    """One checked row per CHECK_SHARE probes (at least one, at most CHECK_ROWS); with few probes the
+    check covers every probe (sharing the pass's float64 evaluation) and stays honest."""
+    from replay.engine import CHECK_ROWS, CHECK_SHARE, check_rows
+
+    assert [check_rows(p) for p in (1, 3, 8, 16, 24)] == [1, 1, 1, 2, 3]
+    assert check_rows(CHECK_ROWS * CHECK_SHARE) == check_rows(1000) == CHECK_ROWS
+    x, y = make_probes("mlp", per_class=2)
+    engine = Engine(run_spec("mlp"), x, y, ReplayConfig(precision="auto"))
+    assert engine._check_everything(check_rows(len(x)))
+    snap = snapshot(make_model("mlp"), 1)
+    result = engine.replay_snapshot(snap)
+    exact = Engine(run_spec("mlp"), x, y, ReplayConfig(precision="float64")).replay_snapshot(snap)
+    error = max(
+        ((result.measures[m] - exact.measures[m]).norm() / exact.measures[m].norm()).item()
+        for m in result.measures
+    )
+    assert 0 < result.error_estimate < 1e-3 and error <= 10 * result.error_estimate

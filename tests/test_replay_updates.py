@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -188,3 +189,39 @@ def test_recorded_rule_rejects_incomplete_records():
     del record.groups[0]["betas"]
     with pytest.raises(ReplayError, match="lacks hyperparameters \\['betas'\\]"):
         recorded_update(params, grads, record)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adam_denominator_skips_the_root_of_zeros_without_changing_a_value(dtype):
+    """Zeros and subnormals of ``exp_avg_sq`` are raised to ``tiny`` before the (slow on zeros)
+    CPU square root only where the result is ``eps`` either way: bit for bit the plain formula."""
+    from replay.updates import _denominator
+
+    tiny = torch.finfo(dtype).tiny
+    values = torch.cat(
+        [
+            torch.tensor([0.0, -0.0, tiny, tiny / 3, float("inf"), float("nan")], dtype=dtype),
+            torch.logspace(math.log10(tiny) - 5, 30, 2000, dtype=dtype),
+        ]
+    )
+    for eps in (1e-8, 1e-12, 1e-30, 0.0):
+        for correction in (1.0, 0.0316):
+            plain = values.clone().sqrt_().div_(correction).add_(eps)
+            fast = _denominator(values.clone(), correction, eps)
+            assert torch.equal(plain.isnan(), fast.isnan())
+            assert torch.equal(plain.nan_to_num(), fast.nan_to_num()) and torch.equal(
+                plain.signbit(), fast.signbit()
+            )
+
+
+def test_per_sample_grads_can_return_the_outputs_of_their_pass():
+    model = make_model("mlp")
+    x, y = make_probes("mlp", per_class=2)
+    params = weights(model)
+    for strategy in ("vmap", "loop"):
+        grads, outputs = per_sample_grads(
+            model, "cross_entropy", params, {}, x, y, strategy=strategy, with_outputs=True
+        )
+        torch.testing.assert_close(outputs, model(x).detach(), rtol=0, atol=1e-6)
+        plain = per_sample_grads(model, "cross_entropy", params, {}, x, y, strategy=strategy)
+        assert all(torch.equal(grads[k], plain[k]) for k in plain)
