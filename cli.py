@@ -316,7 +316,13 @@ def demo(out_dir: Path) -> None:
     help="Virtual update rule.",
 )
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Learning rate of the update.")
-@click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs of each candidate.")
+@click.option(
+    "--repeats",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Timed rounds (each runs every candidate, the loop and the floor once).",
+)
 @memory_budget_option
 @click.option("--no-overhead", is_flag=True, help="Skip the recorder-overhead measurement.")
 @click.option("--grow", is_flag=True, help="Also time the digits MLP against P and the number of snapshots.")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -35,12 +36,12 @@ from recorder.runfiles import (
     SnapshotLayout,
     create_run_dir,
     optimizer_metadata,
-    snapshot_metadata,
 )
 from recorder.schedule import Schedule
 from recorder.writer import WriterProcess
 
 EVERY_STEP = Schedule.every(1)
+SEND_SECONDS = 0.1  # the longest a staged snapshot waits to be sent with others
 
 
 @dataclass
@@ -49,12 +50,13 @@ class _Staged:
 
     slot: int
     layout: SnapshotLayout
-    metadata: dict[str, str]
+    optimizer: str | None  # the optimizer's metadata (JSON)
     step: int
     epoch: int
     lr: float | None
     metrics: dict[str, float]
     event: torch.cuda.Event | None
+    staged_at: float  # time.monotonic()
 
 
 @dataclass
@@ -78,8 +80,9 @@ class Recorder:
 
     Snapshots are written by a writer process (``writer_pid``); its errors are raised by a later
     snapshot (once its answers are read: when the staging slots run out), by ``log_epoch()`` or
-    by ``close()``. Written snapshots are listed in the manifest within about a second, and
-    every snapshot staged before the training process dies is still written.
+    by ``close()``. Written snapshots are listed in the manifest within about a second; when
+    the training process dies, the writer still writes every snapshot staged more than a tenth
+    of a second before.
     """
 
     def __init__(
@@ -139,7 +142,8 @@ class Recorder:
         self._last_snapshot = -1
         self._layout: SnapshotLayout | None = None
         self._signature: list[tuple[str, torch.dtype, torch.Size]] = []  # of the tensors laid out
-        self._optimizer_key: tuple[str, list[dict[str, Any]]] | None = None
+        self._optimizer_key: list[list[tuple[str, Any]]] | None = None  # the groups as last encoded
+        self._optimizer_records: list[dict[str, Any]] = []  # JSON-safe
         self._optimizer_json = ""
         self._slot_views: dict[int, _SlotViews] = {}
         self._staged: deque[_Staged] = deque()  # staged, not yet sent, in step order
@@ -148,6 +152,7 @@ class Recorder:
         self._writer = WriterProcess(run_dir, max_in_flight)
         try:
             self._snapshot()
+            self._send_staged(wait=True)  # step 0 goes out at once
         except BaseException:
             self._stop(raise_error=False)
             raise
@@ -168,7 +173,7 @@ class Recorder:
         self.step_count += 1
         if epoch is not None:
             self.epoch = epoch
-        self._step_metrics = {k: float(v) for k, v in metrics.items()}
+        self._step_metrics = {k: float(v) for k, v in metrics.items()} if metrics else {}
         if self._step_metrics:
             self._writer.log(
                 {"kind": "step", "step": self.step_count, "epoch": self.epoch, **self._step_metrics}
@@ -212,7 +217,7 @@ class Recorder:
         """Raise if closed; send staged snapshots whose copies are done."""
         if self._closed:
             raise RuntimeError("the recorder is closed")
-        if self._staged:
+        if self._staged and time.monotonic() >= self._staged[0].staged_at + SEND_SECONDS:
             self._send_staged(wait=False)
 
     def _stop(self, raise_error: bool) -> None:
@@ -229,8 +234,8 @@ class Recorder:
 
     def _snapshot(self) -> None:
         """Stage the model (and optimizer) at the current step into a free slot."""
-        tensors = {f"params.{n}": p.detach() for n, p in self.model.named_parameters()}
-        tensors.update({f"buffers.{n}": b.detach() for n, b in self.model.named_buffers()})
+        tensors = {f"params.{n}": p for n, p in self.model.named_parameters()}  # copied under no_grad
+        tensors.update({f"buffers.{n}": b for n, b in self.model.named_buffers()})
         optimizer = None
         if self.optimizer is not None:
             optimizer = self._optimizer_metadata()
@@ -238,7 +243,7 @@ class Recorder:
                 name = self._param_names[id(p)]
                 for key, value in state.items():
                     if isinstance(value, torch.Tensor):
-                        tensors[f"optim.{name}.{key}"] = value.detach()
+                        tensors[f"optim.{name}.{key}"] = value
                     elif isinstance(value, float):
                         tensors[f"optim.{name}.{key}"] = torch.tensor(value, dtype=torch.float64)
                     elif isinstance(value, int):  # bool included
@@ -250,26 +255,29 @@ class Recorder:
             self._send_staged(wait=True)
         slot, remapped = self._writer.acquire(self._layout.nbytes)
         try:
-            event = self._copy(tensors, self._views(slot, remapped, tensors))
+            with torch.no_grad():
+                event = self._copy(tensors, self._views(slot, remapped, tensors))
         except BaseException:
             self._writer.release(slot)
             raise
-        groups = self._optimizer_key[1] if optimizer is not None else []  # JSON-safe records
+        groups = self._optimizer_records if optimizer is not None else []
         lr = groups[0].get("lr") if groups else None
         self._staged.append(
             _Staged(
                 slot,
                 self._layout,
-                snapshot_metadata(self.step_count, optimizer),
+                optimizer,
                 self.step_count,
                 self.epoch,
                 lr if isinstance(lr, float | int) else None,
                 self._step_metrics,
                 event,
+                time.monotonic(),
             )
         )
         self._last_snapshot = self.step_count
-        self._send_staged(wait=False)
+        if len(self._staged) >= max(1, self._writer.usable(self._layout.nbytes) // 2):
+            self._send_staged(wait=False)
 
     def _views(self, slot: int, remapped: bool, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The tensors of the current layout as views of slot ``slot``'s shared memory, pinned
@@ -293,11 +301,11 @@ class Recorder:
         """Copy ``tensors`` into their ``views``: CPU ones now, CUDA ones asynchronously on a side
         stream; the returned event (None without CUDA tensors) fires when the copies are done."""
         on_cuda: dict[torch.device, list[str]] = {}
+        on_cpu: list[str] = []
         for name, t in tensors.items():
-            if t.is_cuda:
-                on_cuda.setdefault(t.device, []).append(name)
-            else:
-                views[name].copy_(t)
+            (on_cuda.setdefault(t.device, []) if t.is_cuda else on_cpu).append(name)
+        if on_cpu:  # one call for all (the loop's per-call overhead dominates small models)
+            torch._foreach_copy_([views[name] for name in on_cpu], [tensors[name] for name in on_cpu])
         event = None
         for device, names in on_cuda.items():
             if device not in self._streams:
@@ -313,31 +321,50 @@ class Recorder:
         return event
 
     def _send_staged(self, wait: bool) -> None:
-        """Hand staged snapshots to the writer, in step order, once their copies are complete
-        (``wait``: wait for the copies)."""
-        while self._staged:
-            staged = self._staged[0]
+        """Hand the staged snapshots whose copies are complete to the writer, in step order, with
+        one write (``wait``: wait for the copies). The recorder calls it once half the usable
+        slots are staged, or the oldest staged snapshot is :data:`SEND_SECONDS` old: one wake-up
+        of the writer for several snapshots."""
+        ready = 0
+        for staged in self._staged:
             if staged.event is not None:
                 if not wait and not staged.event.query():
-                    return
+                    break
                 staged.event.synchronize()
-            self._staged.popleft()
-            self._writer.send_snapshot(
-                staged.slot,
-                staged.layout.nbytes,
-                staged.layout.tensors_json,
-                staged.metadata,
-                staged.step,
-                epoch=staged.epoch,
-                lr=staged.lr,
-                metrics=staged.metrics,
-            )
+            ready += 1
+        if not ready:
+            return
+        snapshots = [self._staged.popleft() for _ in range(ready)]
+        self._writer.send_snapshots(
+            [
+                {
+                    "slot": s.slot,
+                    "nbytes": s.layout.nbytes,
+                    "step": s.step,
+                    "tensors_json": s.layout.tensors_json,
+                    "optimizer": s.optimizer,
+                    "epoch": s.epoch,
+                    "lr": s.lr,
+                    "metrics": s.metrics,
+                }
+                for s in snapshots
+            ]
+        )
 
     def _optimizer_metadata(self) -> str:
         """The optimizer's type and hyperparameters as JSON, re-encoded only when they change."""
-        key = (type(self.optimizer).__name__, [self._group_record(g) for g in self.optimizer.param_groups])
+        groups = self.optimizer.param_groups
+        key = [
+            [
+                (k, tuple(v) if k == "params" else v.tolist() if isinstance(v, torch.Tensor) else v)
+                for k, v in g.items()
+            ]
+            for g in groups
+        ]
         if key != self._optimizer_key:
-            self._optimizer_key, self._optimizer_json = key, optimizer_metadata(*key)
+            self._optimizer_records = [self._group_record(g) for g in groups]
+            self._optimizer_json = optimizer_metadata(type(self.optimizer).__name__, self._optimizer_records)
+            self._optimizer_key = key
         return self._optimizer_json
 
     def _group_record(self, group: dict[str, Any]) -> dict[str, Any]:

@@ -38,9 +38,11 @@ from recorder.trajectory import (  # noqa: F401 - re-exported: the format's writ
     atomic_write_bytes,
     atomic_write_json,
     finite_or_none,
+    optimizer_metadata,
     safetensors_header,
     sha256,
     snapshot_filename,
+    snapshot_metadata,
 )
 
 TASKS = ("classification", "regression")
@@ -316,20 +318,6 @@ def snapshot_tensors(snapshot: Snapshot) -> dict[str, torch.Tensor]:
         for name, state in snapshot.optimizer.state.items():
             tensors.update({f"optim.{name}.{key}": value for key, value in state.items()})
     return tensors
-
-
-def optimizer_metadata(type_name: str, groups: list[dict[str, Any]]) -> str:
-    """The optimizer's entry of a snapshot's metadata: its type and per-group hyperparameters."""
-    return json.dumps({"type": type_name, "groups": groups})
-
-
-def snapshot_metadata(step: int, optimizer: str | None) -> dict[str, str]:
-    """A snapshot file's ``__metadata__``: its step, the format and, when recorded, the optimizer
-    (:func:`optimizer_metadata`)."""
-    metadata = {"step": str(step), "format": str(FORMAT_VERSION)}
-    if optimizer is not None:
-        metadata["optimizer"] = optimizer
-    return metadata
 
 
 def encode_snapshot(snapshot: Snapshot) -> bytes:

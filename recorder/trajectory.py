@@ -86,6 +86,20 @@ def safetensors_header(tensors_json: str, metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(header)) + header
 
 
+def optimizer_metadata(type_name: str, groups: list[dict[str, Any]]) -> str:
+    """The optimizer's entry of a snapshot's metadata: its type and per-group hyperparameters."""
+    return json.dumps({"type": type_name, "groups": groups})
+
+
+def snapshot_metadata(step: int, optimizer: str | None) -> dict[str, str]:
+    """A snapshot file's ``__metadata__``: its step, the format and, when recorded, the optimizer
+    (:func:`optimizer_metadata`)."""
+    metadata = {"step": str(step), "format": str(FORMAT_VERSION)}
+    if optimizer is not None:
+        metadata["optimizer"] = optimizer
+    return metadata
+
+
 class TrajectoryWriter:
     """Adds snapshot files and metrics rows to the run directory ``path``; :meth:`commit` makes
     them durable and lists the new snapshots in ``manifest.json``.

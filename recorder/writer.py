@@ -4,9 +4,9 @@ training process spends, per snapshot, only the copies into shared memory.
 The training process holds a :class:`WriterProcess`: ``slots`` shared-memory buffers (a memfd on
 Linux, an unlinked temporary file elsewhere) whose file descriptors a child Python process
 inherits. For each snapshot the training process copies the tensors into a free slot and sends
-one JSON line on the child's stdin (the slot, the payload's size, the layout's number and its
-header entries the first time, the file's metadata, the manifest fields and the metrics rows
-logged since the last line); the child (:func:`serve`,
+one JSON line on the child's stdin (the slot, the payload's size, the step, the numbers of the
+layout's header entries and of the optimizer's metadata, with their texts the first time, the
+manifest fields and the metrics rows logged since the last line); the child (:func:`serve`,
 ``python -m recorder.writer``) writes the file and its manifest entry with
 :mod:`recorder.trajectory` and answers one JSON line on its stdout, which frees the slot.
 
@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from recorder.trajectory import TrajectoryWriter, safetensors_header
+from recorder.trajectory import TrajectoryWriter, safetensors_header, snapshot_metadata
 
 MAX_SLOTS = 8  # shared-memory slots, so snapshots in flight at most
 MIN_SLOTS = 2
@@ -80,7 +80,7 @@ class WriterProcess:
         self._rows: list[dict[str, Any]] = []
         self._answers = b""
         self._error: BaseException | None = None
-        self._layouts: dict[str, int] = {}  # tensors_json -> its number, as sent to the child
+        self._texts: dict[str, int] = {}  # long texts sent to the child once, by their number
         fds = [b.fd for b in self.buffers]
         root = str(Path(__file__).resolve().parent.parent)
         env = {
@@ -126,29 +126,42 @@ class WriterProcess:
         """Give back a slot that was acquired but will not be sent."""
         self._free.append(slot)
 
-    def send_snapshot(
-        self, slot: int, nbytes: int, tensors_json: str, metadata: dict[str, str], step: int, **entry: Any
-    ) -> None:
-        """Have the child write slot ``slot``'s first ``nbytes`` as the tensors of the snapshot of
-        ``step``, after a header of ``tensors_json`` and ``metadata`` (see
-        :func:`recorder.trajectory.safetensors_header`); ``entry``: ``epoch``, ``lr``, ``metrics``
-        for the manifest. A layout's ``tensors_json`` goes to the child once, then by number."""
-        message = {"slot": slot, "nbytes": nbytes, "metadata": metadata, "step": step, **entry}
-        layout = self._layouts.get(tensors_json)
-        if layout is None:
-            layout = self._layouts[tensors_json] = len(self._layouts)
-            message["tensors"] = tensors_json
-        self._send({**message, "layout": layout})
+    def send_snapshots(self, snapshots: list[dict[str, Any]]) -> None:
+        """Have the child write each snapshot, in one message each, with one write for all.
+
+        A snapshot: ``slot`` and ``nbytes`` (the slot's first bytes are its tensors), ``step``,
+        ``tensors_json`` (see :func:`recorder.trajectory.safetensors_header`), ``optimizer`` (see
+        :func:`recorder.trajectory.snapshot_metadata`) and the manifest's ``epoch``, ``lr`` and
+        ``metrics``. Both texts go to the child once each, then by number.
+        """
+        messages = []
+        for snapshot in snapshots:
+            texts: dict[int, str] = {}
+            message = {k: v for k, v in snapshot.items() if k not in ("tensors_json", "optimizer")}
+            message["tensors"] = self._number(snapshot["tensors_json"], texts)
+            message["optimizer"] = (
+                None if snapshot["optimizer"] is None else self._number(snapshot["optimizer"], texts)
+            )
+            messages.append({**message, "texts": texts, "rows": []})
+        self._send(messages)
+
+    def _number(self, text: str, new: dict[int, str]) -> int:
+        """The number of ``text`` as the child knows it; unknown texts are added to ``new``."""
+        number = self._texts.get(text)
+        if number is None:
+            number = self._texts[text] = len(self._texts)
+            new[number] = text
+        return number
 
     def log(self, row: dict[str, Any]) -> None:
-        """Queue a metrics row; rows are sent with the next snapshot or in batches."""
+        """Queue a metrics row; rows are sent with the next snapshots or in batches."""
         self._rows.append(row)
         if len(self._rows) >= ROWS_PER_MESSAGE:
             self.flush_rows()
 
     def flush_rows(self) -> None:
         if self._rows:
-            self._send({})
+            self._send([])
 
     def poll(self) -> None:
         """Take the child's answers so far (freeing slots); raise its error if it had one."""
@@ -175,11 +188,15 @@ class WriterProcess:
         if raise_error:
             self._raise_error()
 
-    def _send(self, message: dict[str, Any]) -> None:
-        message["rows"], self._rows = self._rows, []
+    def _send(self, messages: list[dict[str, Any]]) -> None:
+        """Write ``messages`` to the child, after a message of the rows logged so far, if any."""
+        if self._rows:
+            messages = [{"rows": self._rows}, *messages]
+            self._rows = []
+        data = memoryview(b"".join(json.dumps(m).encode() + b"\n" for m in messages))
         try:
-            self.process.stdin.write(json.dumps(message).encode() + b"\n")
-            self.process.stdin.flush()
+            while data:
+                data = data[os.write(self.process.stdin.fileno(), data) :]
         except (BrokenPipeError, ValueError):
             self._read_answers(wait=False)
             self._raise_error()
@@ -230,7 +247,7 @@ class _Child:
         self.trajectory = TrajectoryWriter(run_dir)
         self.fds = fds
         self.maps: dict[int, mmap.mmap] = {}
-        self.layouts: dict[int, str] = {}  # the tensors' header entries of each layout, by number
+        self.texts: dict[int, str] = {}  # header entries and optimizer metadata, by number
         self.error: dict[str, Any] = {}  # the first failure, repeated in every later answer
         self.lock = threading.Lock()  # the trajectory's state, the error, stdout
         self.stopping = threading.Event()
@@ -257,9 +274,12 @@ class _Child:
                 nbytes = message["nbytes"]
                 if slot not in self.maps or len(self.maps[slot]) < nbytes:
                     self.maps[slot] = mmap.mmap(self.fds[slot], os.fstat(self.fds[slot]).st_size)
-                if "tensors" in message:
-                    self.layouts[message["layout"]] = message["tensors"]
-                header = safetensors_header(self.layouts[message["layout"]], message["metadata"])
+                self.texts.update((int(k), v) for k, v in message["texts"].items())
+                optimizer = message["optimizer"]
+                metadata = snapshot_metadata(
+                    message["step"], None if optimizer is None else self.texts[optimizer]
+                )
+                header = safetensors_header(self.texts[message["tensors"]], metadata)
                 with memoryview(self.maps[slot]) as payload:
                     self.trajectory.add_snapshot(
                         message["step"],
@@ -325,4 +345,5 @@ def serve(run_dir: str, fds: list[int]) -> None:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the training process; we finish
+    os.nice(10)  # yield the CPU to training; an idle core, or the slots running out, lets us run
     serve(sys.argv[1], [int(fd) for fd in sys.argv[2:]])

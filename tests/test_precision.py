@@ -136,3 +136,68 @@ def test_a_probe_whose_update_is_zero_moves_nothing_in_every_precision():
         assert (result.measures["orig_outputs_l2"][inactive] == 0).all()
     S, S_exact = auto.measures["orig_outputs_l2"], exact.measures["orig_outputs_l2"]
     assert ((S - S_exact).norm() / S_exact.norm()).item() < 1e-4 and auto.error_estimate < 1e-4
+
+
+def _spied(engine):
+    """``engine`` recording the arithmetic of each evaluation and whether each set of changes was
+    propagated (True) or differenced (False)."""
+    evaluations, changes = [], []
+    evaluate, make_changes = engine._evaluate, engine._changes
+
+    def spy_evaluate(snapshot, arithmetic, *args, **kwargs):
+        evaluations.append(arithmetic.name)
+        return evaluate(snapshot, arithmetic, *args, **kwargs)
+
+    def spy_changes(*args, **kwargs):
+        changes.append(args[5])  # propagate
+        return make_changes(*args, **kwargs)
+
+    engine._evaluate, engine._changes = spy_evaluate, spy_changes
+    return evaluations, changes
+
+
+@pytest.mark.parametrize("name", ["digits", "small_cnn"])
+def test_auto_goes_straight_to_mixed_where_the_float32_difference_would_miss(cases, name):
+    """Under sgd at lr 1e-4 the rounding model predicts, from the updates alone, that a float32
+    difference misses the target: ``auto`` never computes it, and gives what ``mixed`` gives."""
+    case = cases[name]
+
+    def engine(precision):
+        config = ReplayConfig(RULES["sgd"], measures=COMPARED, precision=precision)
+        return Engine(case.spec, case.inputs, case.targets, config)
+
+    auto = engine("auto")
+    evaluations, changes = _spied(auto)
+    result = auto.replay_snapshot(case.snapshot)
+    assert result.arithmetic == "mixed"
+    assert len(evaluations) == 1 and changes == [True]  # one pass, no float32 difference
+    exact = engine("float64").replay_snapshot(case.snapshot)
+    assert frobenius_error(result.measures, exact.measures) < BAR
+    assert 0 < result.error_estimate < BAR  # checked against float64 propagation
+    mixed = engine("mixed").replay_snapshot(case.snapshot)
+    for k, v in mixed.measures.items():
+        assert torch.equal(result.measures[k], v)
+    assert result.error_estimate == mixed.error_estimate
+
+
+def test_auto_keeps_the_float32_difference_where_it_is_predicted_to_resolve_the_step(cases):
+    case = cases["digits"]
+    auto = Engine(case.spec, case.inputs, case.targets, ReplayConfig(RULES["adam-fresh"], measures=COMPARED))
+    evaluations, changes = _spied(auto)
+    result = auto.replay_snapshot(case.snapshot)
+    assert result.arithmetic == "difference32"
+    assert evaluations == ["difference32"] and changes == [False]
+
+
+def test_auto_still_falls_back_when_the_prediction_is_wrong(cases, monkeypatch):
+    """A prediction that misses a step float32 cannot resolve: the checked estimate catches it."""
+    monkeypatch.setattr(Engine, "_predicted_error", lambda *args: 0.0)
+    case = cases["digits"]
+    config = ReplayConfig(RULES["sgd"], measures=COMPARED, precision="auto")
+    auto = Engine(case.spec, case.inputs, case.targets, config)
+    evaluations, changes = _spied(auto)
+    result = auto.replay_snapshot(case.snapshot)
+    assert result.arithmetic == "mixed"
+    assert evaluations == ["difference32", "mixed"] and changes == [False, True]
+    exact = Engine(case.spec, case.inputs, case.targets, ReplayConfig(RULES["sgd"], measures=COMPARED))
+    assert frobenius_error(result.measures, exact.replay_snapshot(case.snapshot).measures) < BAR
