@@ -27,6 +27,7 @@ import ctypes
 import gc
 import math
 import os
+import random
 import statistics
 import threading
 import time
@@ -213,16 +214,19 @@ def timed_together(
     fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int
 ) -> dict[str, tuple[float, int, Any]]:
     """:func:`timed` for several functions at once: one warm-up call each (its peak memory
-    measured), then ``repeats`` rounds that call every function once in turn, so that the drift
-    of a shared machine, and whatever the first of them pays, falls on all alike. Per name: the
+    measured), then ``repeats`` rounds that call every function once, in a new random order each
+    round, so that the drift of a shared machine, and what a call pays after another (the loop
+    leaves the allocator's heap fragmented, say), falls on all alike. Per name: the
     median seconds, the warm-up's peak memory (bytes) and the last result."""
     peaks, results, times = {}, {}, {name: [] for name in fns}
     for name, fn in fns.items():
         with PeakMemory(device) as memory:
             results[name] = fn()
         peaks[name] = memory.peak
+    shuffle = random.Random(0)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        for name in shuffle.sample(list(fns), len(fns)):
+            fn = fns[name]
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
@@ -420,7 +424,8 @@ def run_benchmark(
     }
     echo(
         f"device {report['device']}, {report['threads']} threads, load average {load[0]:.2f}, torch "
-        f"{torch.__version__}, update {rule} lr {lr:g}; times are medians of {repeats} after a warm-up; "
+        f"{torch.__version__}, update {rule} lr {lr:g}; times are medians of {repeats} rounds (each in a "
+        "random order) after a warm-up; "
         "the engine computes the loop's measures (all but linear); errors: relative Frobenius norm of "
         "orig and kl against float64"
     )
