@@ -297,6 +297,16 @@ def test_model_spec_mismatch_is_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def _step_until_it_raises(rec: Recorder, error: type[BaseException], match: str) -> None:
+    """Step ``rec`` (a snapshot a step) until the writer's failure reaches the training thread:
+    within 10 seconds, once the staged snapshots went out and their answers came back."""
+    deadline = time.monotonic() + 10
+    with pytest.raises(error, match=match):
+        while time.monotonic() < deadline:
+            rec.step()
+            time.sleep(0.01)
+
+
 def test_writer_errors_surface_on_the_training_thread(tmp_path):
     rec = _recorder(tmp_path / "run", build_model(BN_SPEC), None, Schedule.every(1))
     deadline = time.monotonic() + 10
@@ -304,10 +314,7 @@ def test_writer_errors_surface_on_the_training_thread(tmp_path):
         time.sleep(0.01)
     shutil.rmtree(tmp_path / "run" / "snapshots")
     (tmp_path / "run" / "snapshots").write_text("not a directory")  # every later write fails
-    with pytest.raises(OSError, match="writing the snapshot of step 1: NotADirectoryError"):
-        while time.monotonic() < deadline:
-            rec.step()
-            time.sleep(0.01)
+    _step_until_it_raises(rec, OSError, "writing the snapshot of step 1: NotADirectoryError")
     with pytest.raises(OSError, match="step 1"):
         rec.close()
     assert rec._writer.process.returncode == 0
@@ -318,11 +325,7 @@ def test_a_killed_writer_process_is_reported(tmp_path):
     rec = _recorder(tmp_path / "run", build_model(BN_SPEC), None, Schedule.every(1))
     os.kill(rec.writer_pid, signal.SIGKILL)
     rec._writer.process.wait()
-    deadline = time.monotonic() + 10
-    with pytest.raises(RuntimeError, match="writer process exited unexpectedly"):
-        while time.monotonic() < deadline:
-            rec.step()
-            time.sleep(0.01)
+    _step_until_it_raises(rec, RuntimeError, "writer process exited unexpectedly")
     with pytest.raises(RuntimeError, match="writer process exited unexpectedly"):
         rec.close()
 
