@@ -255,18 +255,25 @@ def _optimizer(update: UpdateConfig) -> Callable[[nn.Module], torch.optim.Optimi
     return lambda m: torch.optim.Adam(m.parameters(), lr=update.lr, betas=update.betas, eps=update.eps)
 
 
-def loop_measures(case: Case, update: UpdateConfig, device: torch.device) -> dict[str, Tensor]:
-    """The paper's procedure in float32 (:func:`replay.reference.plain_changes`) and its measures."""
-    model = build_model(case.spec.model).eval().to(device)
+def case_model(case: Case, device: torch.device) -> nn.Module:
+    """The model of ``case`` on ``device``, built once outside the timings (as the engine's is):
+    the loop and the floor load the snapshot's weights into it each time."""
+    return build_model(case.spec.model).eval().to(device)
+
+
+def loop_measures(
+    case: Case, model: nn.Module, update: UpdateConfig, device: torch.device
+) -> dict[str, Tensor]:
+    """The paper's procedure in float32 (:func:`replay.reference.plain_changes`) on ``model`` (the
+    snapshot's weights loaded into it) and its measures."""
     model.load_state_dict(case.snapshot.params | case.snapshot.buffers)
     x, y = case.inputs.to(device), case.targets.to(device)
     return plain_measures(*plain_changes(model, _optimizer(update), case.spec.loss, x, y))
 
 
-def floor(case: Case, device: torch.device, budget: int) -> Tensor:
-    """One float32 forward pass over all ``P x P`` pairs at the snapshot's weights -> ``[P * P, C]``,
-    in blocks of whole copies of the probe set within ``budget`` bytes."""
-    model = build_model(case.spec.model).eval().to(device)
+def floor(case: Case, model: nn.Module, device: torch.device, budget: int) -> Tensor:
+    """One float32 forward pass of ``model`` over all ``P x P`` pairs at the snapshot's weights ->
+    ``[P * P, C]``, in blocks of whole copies of the probe set within ``budget`` bytes."""
     params = {k: v.to(device) for k, v in (case.snapshot.params | case.snapshot.buffers).items()}
     x = case.inputs.to(device)
     per_copy = 4 * len(x) * activations_per_sample(model, x[:1]) * 2
@@ -309,8 +316,9 @@ def bench_case(
         return run
 
     fns = {key: (lambda e=engine: e.replay_snapshot(case.snapshot)) for key, engine in engines.items()}
-    fns["loop"] = untf32(lambda: loop_measures(case, update, device))
-    fns["floor"] = untf32(lambda: floor(case, device, budget))
+    model = case_model(case, device)
+    fns["loop"] = untf32(lambda: loop_measures(case, model, update, device))
+    fns["floor"] = untf32(lambda: floor(case, model, device, budget))
     timings = timed_together(fns, device, repeats)
     (loop_seconds, loop_memory, loop), (floor_seconds, floor_memory, _) = timings["loop"], timings["floor"]
     candidates, results = {}, {}
@@ -366,14 +374,16 @@ def scaling(
         config = ReplayConfig(
             update, FINITE, precision="auto", device=str(device), memory_budget=memory_budget
         )
-        engine = Engine(case.spec, case.inputs, case.targets, config)
+        engine, model = Engine(case.spec, case.inputs, case.targets, config), case_model(case, device)
         seconds, _, _ = timed(lambda e=engine, c=case: e.replay_snapshot(c.snapshot), device, repeats)
         loop_seconds = (
-            timed(lambda c=case: loop_measures(c, update, device), device, 1)[0]
+            timed(lambda c=case, m=model: loop_measures(c, m, update, device), device, 1)[0]
             if num_probes <= 400
             else math.nan
         )
-        floor_seconds, _, _ = timed(lambda c=case, b=engine.budget: floor(c, device, b), device, repeats)
+        floor_seconds, _, _ = timed(
+            lambda c=case, m=model, b=engine.budget: floor(c, m, device, b), device, repeats
+        )
         rows.append({"probes": num_probes, "engine": seconds, "loop": loop_seconds, "floor": floor_seconds})
     case = make_case("digits", 100)
     totals = []

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from cli import main
 from recorder.bench import recorder_overhead
-from replay.bench import PeakMemory, bench_case, floor, make_case
+from replay.bench import PeakMemory, bench_case, case_model, floor, make_case
 from replay.config import UpdateConfig
 from replay.plan import ARITHMETIC, STRATEGIES
 
@@ -32,7 +32,13 @@ def test_bench_case_times_the_loop_the_floor_and_every_plan_and_checks_the_choic
 
 def test_floor_evaluates_every_pair_in_blocks_within_the_budget():
     case = make_case("digits", 10)
-    assert floor(case, CPU, budget=1).shape == (100, 10)  # one copy of the probe set at a time
+    model = case_model(case, CPU)
+    outputs = floor(case, model, CPU, budget=1)  # one copy of the probe set at a time
+    model.load_state_dict(case.snapshot.params | case.snapshot.buffers)
+    with torch.no_grad():
+        expected = model(case.inputs)  # [P, C] at the snapshot's weights
+    assert outputs.shape == (100, 10)
+    torch.testing.assert_close(outputs.view(10, 10, 10), expected.expand(10, 10, 10))
 
 
 def test_peak_memory_sees_an_allocation_on_the_cpu():

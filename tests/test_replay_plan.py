@@ -87,7 +87,7 @@ def test_the_error_check_stays_a_fraction_of_the_pass_at_small_p():
     check covers every probe (sharing the pass's float64 evaluation) and stays honest."""
     from replay.engine import CHECK_ROWS, CHECK_SHARE, check_rows
 
-    assert [check_rows(p) for p in (1, 3, 8, 16, 24)] == [1, 1, 1, 2, 3]
+    assert [check_rows(p) for p in (1, 3, 8, 16, 31, 32, 48)] == [1, 1, 1, 1, 1, 2, 3]
     assert check_rows(CHECK_ROWS * CHECK_SHARE) == check_rows(1000) == CHECK_ROWS
     x, y = make_probes("mlp", per_class=2)
     engine = Engine(run_spec("mlp"), x, y, ReplayConfig(precision="auto"))
