@@ -117,7 +117,7 @@ class ReplayConfig:
         default=None,
         metadata={
             "help": "Bytes the stacked weight copies and their activations may use at once "
-            "(default: a quarter of the device's free memory)."
+            "(default: a quarter of the device's free memory, page cache the kernel can reclaim included)."
         },
     )
     strategy: str = field(

@@ -111,15 +111,30 @@ def rows_per_chunk(
 
 
 def default_memory_budget(device: torch.device) -> int:
-    """A quarter of the device's free memory, in bytes."""
+    """A quarter of the device's free memory, in bytes (on a CPU: :func:`available_memory`)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            free = 4 << 30
+        free = available_memory()
     return free // 4
+
+
+def available_memory(meminfo: str = "/proc/meminfo") -> int:
+    """Bytes of host memory available to a new allocation: Linux's ``MemAvailable``, which counts
+    the page cache the kernel can reclaim (after reading or writing a few GiB of files, the plain
+    free memory is a fraction of it, and a budget from it would shrink run after run); elsewhere
+    the free pages, or 4 GiB if even those are unknown."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
 
 
 def activations_per_sample(model: nn.Module, x: Tensor) -> int:

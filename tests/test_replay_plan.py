@@ -15,8 +15,10 @@ from replay.plan import (
     LOOP_ACTIVATIONS,
     ModelFacts,
     activations_per_sample,
+    available_memory,
     choose_arithmetic,
     choose_strategy,
+    default_memory_budget,
     rows_per_chunk,
 )
 from tests.test_replay_helpers import make_model, make_probes, run_spec, snapshot
@@ -54,6 +56,22 @@ def test_rows_per_chunk_follows_the_memory_model():
     assert rows_per_chunk(SMALL, 9, ARITHMETIC["mixed"], "vmap", 5 * 33_200 + 1_080) == 5
     assert rows_per_chunk(SMALL, 9, ARITHMETIC["mixed"], "vmap", 1) == 1  # never below one row
     assert rows_per_chunk(SMALL, 9, ARITHMETIC["mixed"], "vmap", 1 << 40) == 9  # never above P
+
+
+def test_the_cpu_budget_counts_reclaimable_page_cache_as_available(tmp_path, monkeypatch):
+    """``MemAvailable`` (free memory plus the cache the kernel can drop), not ``MemFree``: a run
+    that has just written gigabytes of files keeps the budget it had before."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(
+        "MemTotal:       25000000 kB\nMemFree:         8000000 kB\nMemAvailable:   24000000 kB\n"
+    )
+    assert available_memory(str(meminfo)) == 24000000 * 1024
+    free_pages = tmp_path / "no_available"
+    free_pages.write_text("MemTotal:       25000000 kB\nMemFree:         8000000 kB\n")
+    fallback = available_memory(str(free_pages))  # the free pages, as torch-free code can see them
+    assert fallback == available_memory(str(tmp_path / "missing")) > 0
+    monkeypatch.setattr("replay.plan.available_memory", lambda: 20 << 30)
+    assert default_memory_budget(torch.device("cpu")) == 5 << 30
 
 
 @pytest.mark.parametrize("arithmetic", ["mixed", "float64"])
