@@ -92,9 +92,7 @@ from replay.updates import update_rule
 
 CHECK_ROWS = 4  # rows recomputed to estimate the error of the other arithmetics (at most)
 CHECK_COLUMNS = 4  # probes they are recomputed on, besides their own
-CHECK_SHARE = (
-    16  # rows per checked row: a checked row costs about two, so the check about an eighth of the pass
-)
+CHECK_SHARE = 16  # rows per checked row (costing about two): the check is about an eighth of the pass
 AUTO_TARGET = 1e-4  # largest estimated error at which 'auto' keeps the float32 difference
 PREDICT_ROWS = 4  # rows of a block whose gradients and updates predict the float32 difference's error
 # relative error of changes propagated by replay.difference (float32: measured at most 8e-7 on the

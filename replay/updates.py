@@ -99,7 +99,7 @@ def adam_step(
         return fresh if decay is None else fresh.add_(decay)
     exp_avg = torch.lerp(_state(state, "exp_avg", w), g, 1 - beta1)
     exp_avg_sq = _state(state, "exp_avg_sq", w).mul(beta2).addcmul(g, g, value=1 - beta2)
-    step = float(state["step"]) + 1 if state else 1.0
+    step = float(state["step"]) + 1
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     if amsgrad:
