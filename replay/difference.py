@@ -8,7 +8,7 @@ which in float32 is 1e-3 for an ``adam-fresh`` step and worse than 100% for ``sg
 by rules that never form a difference of two nearly equal numbers:
 
 - a layer that is linear in its input and in its weights (``Linear``, ``Conv1d/2d/3d``):
-  ``(W + U)(v + d) - W v = (W + U) d + U v`` (bias: ``+ u_b``);
+  ``(W + U)(v + d) - W v = W d + U (v + d)`` (bias: ``+ u_b``);
 - a layer or function linear in its input alone (``Identity``, ``Flatten``, average pooling, views,
   sums): the layer applied to ``d``;
 - ``relu``: ``max(d + min(v, 0), -relu(v))``, which is ``max(d, -v)`` (exact) where ``v > 0`` and
@@ -312,14 +312,27 @@ def _weighted(
     finite: bool,
     linear: bool,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """A linear or convolution layer (``weight`` ``W``): the change ``(W + U) d + U v + u_b``
-    and the tangent ``W t + U v + u_b`` (``d``, ``t`` None: zero), each if wanted."""
-    u_weight = own_update.get("weight", torch.zeros_like(weight))
+    """A linear or convolution layer (``weight`` ``W``, update ``U``, ``u_b``): the change
+    ``W d + U (v + d) + u_b`` and the tangent ``W t + U v + u_b`` (``d``, ``t`` None: zero), each if
+    wanted. The change needs no copy ``W + U`` of the weights, and under ``vmap`` the products
+    ``W d`` of all updates are one product at shared weights; ``v + d`` rounds by ``eps * |v|``,
+    which ``U`` turns into the rounding of ``U v`` itself. Both wanted, they share ``U v``: the
+    change is then ``(W + U) d + U v + u_b``."""
+    u_weight = own_update["weight"] if "weight" in own_update else torch.zeros_like(weight)
+    u_bias = own_update.get("bias")
     call = F.linear if isinstance(module, nn.Linear) else module._conv_forward
-    shared = call(v, u_weight, own_update.get("bias"))
-    change = shared if d is None or not finite else call(d, weight + u_weight, None).add_(shared)
-    tangent = shared if t is None or not linear else call(t, weight, None).add_(shared)
-    return (change if finite else None), (tangent if linear else None)
+    shared = call(v, u_weight, u_bias) if linear or d is None else None  # U v + u_b
+    change = tangent = None
+    if finite:
+        if d is None:
+            change = shared
+        elif linear:
+            change = call(d, weight + u_weight, None).add_(shared)
+        else:
+            change = call(d, weight, None).add_(call(v + d, u_weight, u_bias))
+    if linear:
+        tangent = shared if t is None else call(t, weight, None).add_(shared)
+    return change, tangent
 
 
 def _relu(v: Tensor, d: Tensor) -> Tensor:

@@ -20,12 +20,12 @@ relative: in float32 1e-6 to 1e-2 under ``adam-fresh`` and more than 100% under 
 - ``float64``: everything in float64, ``D`` as a difference: the reference. Its error estimate is
   the rounding model ``eps64 * median_i(max|f(x_i)| / max|D[i, i]|)``.
 - ``float32``: everything in float32 (but the loss, see below), ``D`` as a difference.
-- ``difference32``: ``D`` and ``J . U`` as in float32, everything else (base outputs, loss
-  gradients, measures) in float64.
+- ``difference32``: ``D`` and ``J . U`` as in float32, the loss gradients and measures in float64.
 - ``mixed``: ``difference32`` with ``D`` and ``J . U`` from one float32 pass of
   :mod:`replay.difference`, which propagates the change itself through the layers and never
   subtracts two outputs: about 1e-7 relative error whatever the step, at up to twice the
-  arithmetic of a float32 difference (measured: 1.0 to 1.9 times its time).
+  arithmetic of a float32 difference (measured: 1.0 to 1.9 times its time); its base outputs
+  ``f(x; w)`` are those of the float64 evaluation the propagation starts from.
 - ``auto`` (the precision, not an arithmetic): ``difference32`` while its estimated error stays
   below :data:`AUTO_TARGET` (a tenth of the 1e-3 bar), else ``mixed`` (``float64`` for models
   ``torch.fx`` cannot trace) for that snapshot. Once the first block's updates are known, and
@@ -39,14 +39,17 @@ Per-sample gradients: the loss is evaluated in float64 on the outputs in every a
 loss gradient ``softmax - one-hot`` of a well fitted probe cancels, in float32 by up to a half).
 For ``cross_entropy`` the network runs in the fast dtype (the logits' own rounding does not
 matter there); for squared losses, whose residual ``f - y`` cancels in the forward pass itself,
-in the exact dtype. A float32 difference takes its base outputs ``f(x; w)`` in float32 from that
-same pass when one block holds every probe.
+in the exact dtype. A difference takes its base outputs ``f(x; w)`` from the network too (the
+float32 difference needs them there; in the measures their float32 rounding, 1e-7 relative, meets
+no cancellation, and a float64 forward pass cost ResNet-18 as much as the float32 pass it serves):
+from that same pass when one block holds every probe, else from one forward pass.
 
 Error estimate of every arithmetic but float64: the :func:`check_rows` rows (``CHECK_ROWS``,
 fewer below ``CHECK_ROWS * CHECK_SHARE`` probes, at least one) with the largest amplification
 ``max|f(x_i)| / max|D[i, i]|`` (the rows with the most rounding error) are recomputed from the
-same updates, on those rows' own probes and ``CHECK_COLUMNS`` others (on every probe when that
-is most of them: the check then shares the pass's float64 evaluation of the model), with
+same updates, on those rows' own probes and ``CHECK_COLUMNS`` others (after a propagation, on
+every probe when that is most of them: the check then shares the pass's float64 evaluation of
+the model), with
 the changes propagated by :mod:`replay.difference` (no cancellation): in float32 for the
 arithmetics that difference (its own error, at most 1e-6, is the floor of the estimate), in
 float64 for ``mixed``; for a model ``torch.fx`` cannot trace, as a float64 difference. The
@@ -406,36 +409,20 @@ class Engine:
             ]
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
-    def _changes(
-        self,
-        params: dict[str, Tensor],
-        buffers: dict[str, Tensor],
-        x: Tensor,
-        base: Tensor,
-        dtype: torch.dtype,
-        propagate: bool,
-        propagated: BaseState | None = None,
-        fast_base: Tensor | None = None,
+    def _difference(
+        self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, base: Tensor | None = None
     ) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
-        """The function of one update ``u`` (name -> ``[*shape]``, in ``dtype``) that gives what the
-        measures need of ``"finite"``, ``f(x; w + u) - f(x; w)``, and ``"linear"``, ``J . u``
-        (``[P, C]`` each, in ``dtype``): propagated by :mod:`replay.difference`, or as a difference of
-        two forward passes and ``torch.func.jvp``. ``params``, ``buffers``, ``x`` and ``base``
-        (``f(x; w)``): in the exact dtype; ``propagated``: :meth:`ChangePropagator.base` of them, if
-        already evaluated; ``fast_base``: ``f(x; w)`` in ``dtype``, if already evaluated."""
+        """The function of one update ``u`` (name -> ``[*shape]``) that gives what the measures need
+        of ``"finite"``, ``f(x; w + u) - f(x; w)``, and ``"linear"``, ``J . u`` (``[P, C]`` each), as
+        a difference of two forward passes and ``torch.func.jvp``, in the dtype of ``params``,
+        ``buffers``, ``x`` ``[P, ...]`` and ``base`` (``f(x; w)`` ``[P, C]``; None: evaluated here)."""
         finite, linear = self._needs()
-        if propagate:
-            if propagated is None:
-                propagated = self.propagator.base(params, buffers, x, dtype)
-            return self._propagation(propagated, dtype)
-        params = {k: v.to(dtype) for k, v in params.items()}
-        buffers, x = {k: v.to(dtype) for k, v in buffers.items()}, x.to(dtype)
 
         def forward(p: dict[str, Tensor]) -> Tensor:  # f(x; p) [P, C]
             return functional_call(self.model, (p, buffers), (x,))
 
-        if base.dtype != dtype:
-            base = fast_base if fast_base is not None else forward(params)
+        if base is None:
+            base = forward(params)
 
         def outputs(u: dict[str, Tensor]) -> dict[str, Tensor]:
             moved = {k: params[k] + u[k] for k in params}
@@ -447,7 +434,8 @@ class Engine:
     def _propagation(
         self, propagated: BaseState, dtype: torch.dtype
     ) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
-        """:meth:`_changes` by :mod:`replay.difference` from its base values, working in ``dtype``."""
+        """What :meth:`_difference` gives, propagated by :mod:`replay.difference` from its base
+        values, working in ``dtype``."""
         finite, linear = self._needs()
         if propagated.dtype != dtype:
             propagated = self.propagator.retype(propagated, dtype)
@@ -455,7 +443,7 @@ class Engine:
 
     def _check_everything(self, keep: int) -> bool:
         """Whether the check of ``keep`` rows runs on every probe: with few probes its own columns
-        and ``CHECK_COLUMNS`` others would be most of them, and then it shares the pass's
+        and ``CHECK_COLUMNS`` others would be most of them, and then it shares a propagating pass's
         evaluation of the model (needs :mod:`replay.difference`)."""
         return self.propagator is not None and 2 * (keep + CHECK_COLUMNS) >= len(self.inputs)
 
@@ -493,27 +481,30 @@ class Engine:
         x, y = self._cast(self.inputs, exact), self._cast(self.targets, exact)
         keep = 0 if arithmetic == EXACT else check_rows(len(x))
         # One float64 evaluation of every node serves the propagation and, when the check covers
-        # every probe, the check too (not float32's: its check needs float64 base values); the
-        # base outputs are its last node.
-        share = keep and exact == torch.float64 and self._check_everything(keep)
-        propagated = None
-        if self.propagator is not None and (arithmetic.propagate or share):
-            propagated = self.propagator.base(params, buffers, x, fast)
-            base = self.propagator.outputs(propagated)  # [P, C]
-        else:
-            base = functional_call(self.model, (params, buffers), (x,))  # [P, C]
-        need_finite = self._needs()[0]
+        # every probe, the check too; the base outputs are its last node. (A difference does not
+        # evaluate the model in float64: its check evaluates its own few probes.)
+        share = keep and arithmetic.propagate and self._check_everything(keep)
         # cross-entropy: network in the fast dtype, loss in float64; squared losses: all exact
         network = fast if self.loss == "cross_entropy" else exact
-        # blocks of equal size (within one row): 16 rows at 11 a block run as 8 + 8, not 11 + 5
-        chunks = torch.arange(len(x)).tensor_split(-(-len(x) // self.rows_per_chunk(arithmetic.name)))
-        # A difference in the fast dtype needs the fast base outputs f(x; w): in one block with
-        # the network in that dtype, the per-sample pass gives them (no forward pass of its own).
-        fast_base = len(chunks) == 1 and network == fast != exact and not arithmetic.propagate
-        outputs = None
         update_params = {k: v.to(fast) for k, v in params.items()}
         grad_params = update_params if network == fast else params
         grad_buffers, grad_x = {k: v.to(network) for k, v in buffers.items()}, x.to(network)
+        # blocks of equal size (within one row): 16 rows at 11 a block run as 8 + 8, not 11 + 5
+        chunks = torch.arange(len(x)).tensor_split(-(-len(x) // self.rows_per_chunk(arithmetic.name)))
+        # The base outputs f(x; w) [P, C]: from the float64 evaluation of every node where the
+        # changes are propagated; for a difference, where the network runs (one pass serves the
+        # difference and the measures): from the per-sample pass when one block holds every probe,
+        # else from one forward pass.
+        propagated = network_base = None
+        if self.propagator is not None and (arithmetic.propagate or share):
+            propagated = self.propagator.base(params, buffers, x, fast)
+            base = self.propagator.outputs(propagated)
+        elif len(chunks) > 1:
+            network_base = functional_call(self.model, (grad_params, grad_buffers), (grad_x,))
+            base = network_base.to(exact)
+        from_grads = propagated is None and network_base is None
+        need_finite = self._needs()[0]
+        outputs = None
         kept = _Kept(
             rows=torch.zeros(0, dtype=torch.long),
             amplification=torch.zeros(0, dtype=exact),
@@ -531,9 +522,11 @@ class Engine:
                 y[chunk],
                 torch.float64,
                 self.strategy,
-                with_outputs=fast_base,
+                with_outputs=from_grads,
             )
-            grads, fast_outputs = grads if fast_base else (grads, None)
+            if from_grads:
+                grads, network_base = grads
+                base = network_base.to(exact)
             grads = {k: g.to(fast) for k, g in grads.items()}
             try:
                 updates = self.update(update_params, grads, snapshot.optimizer)
@@ -542,16 +535,19 @@ class Engine:
             if predict and self._predicted_error(base, y, chunk, grads, updates) > AUTO_TARGET:
                 if self.rows_per_chunk(fallback.name) != self.rows_per_chunk(arithmetic.name):
                     return self._evaluate(snapshot, fallback)  # other blocks: start afresh
-                arithmetic, fast_outputs = fallback, None
-                if propagated is None:
-                    propagated = self.propagator.base(params, buffers, x, fast)
-                    base = self.propagator.outputs(propagated)
+                arithmetic = fallback
+                propagated = self.propagator.base(params, buffers, x, fast)
+                base = self.propagator.outputs(propagated)
+                kept.base = propagated if self._check_everything(keep) else None  # as ``fallback``'s own
             predict = False
             del grads
             if outputs is None:
-                outputs = self._changes(
-                    params, buffers, x, base, fast, arithmetic.propagate, propagated, fast_outputs
-                )
+                if arithmetic.propagate:
+                    outputs = self._propagation(propagated, fast)
+                else:
+                    fast_base = network_base if network == fast else None
+                    fast_buffers = {k: v.to(fast) for k, v in buffers.items()}
+                    outputs = self._difference(update_params, fast_buffers, x.to(fast), fast_base)
             norms.append(
                 torch.stack([u.flatten(1).norm(dim=1) for u in updates.values()]).to(exact).norm(dim=0)
             )
@@ -622,7 +618,7 @@ class Engine:
             x = self._cast(self.inputs[columns], torch.float64)
             if self.propagator is None:  # a float64 difference
                 base = functional_call(self.model, (params, buffers), (x,))  # [J, C]
-                outputs = self._changes(params, buffers, x, base, dtype, False)
+                outputs = self._difference(params, buffers, x, base)
             else:
                 propagated = self.propagator.base(params, buffers, x, dtype)
         if propagated is not None:

@@ -31,8 +31,9 @@ from replay.config import ReplayError
 
 @dataclass(frozen=True)
 class Arithmetic:
-    """The dtypes of one arithmetic: ``exact`` for the base outputs, probe losses, per-sample
-    gradients and measures; ``fast`` for the updates, output changes and tangents; ``propagate``:
+    """The dtypes of one arithmetic: ``exact`` for the probe losses, per-sample gradients and
+    measures (and the base outputs of a propagation; a difference takes them from the network,
+    see :mod:`replay.engine`); ``fast`` for the updates, output changes and tangents; ``propagate``:
     output changes by :mod:`replay.difference` instead of the difference of two forward passes."""
 
     name: str

@@ -139,20 +139,30 @@ def test_a_probe_whose_update_is_zero_moves_nothing_in_every_precision():
 
 
 def _spied(engine):
-    """``engine`` recording the arithmetic of each evaluation and whether each set of changes was
-    propagated (True) or differenced (False)."""
+    """``engine`` recording the arithmetic of each evaluation and whether each set of changes it
+    made was propagated (True) or differenced (False); the check's are not recorded."""
     evaluations, changes = [], []
-    evaluate, make_changes = engine._evaluate, engine._changes
+    evaluate, difference, propagation = engine._evaluate, engine._difference, engine._propagation
+    inside = []
 
     def spy_evaluate(snapshot, arithmetic, *args, **kwargs):
         evaluations.append(arithmetic.name)
-        return evaluate(snapshot, arithmetic, *args, **kwargs)
+        inside.append(True)
+        try:
+            return evaluate(snapshot, arithmetic, *args, **kwargs)
+        finally:
+            inside.pop()
 
-    def spy_changes(*args, **kwargs):
-        changes.append(args[5])  # propagate
-        return make_changes(*args, **kwargs)
+    def spy(made, propagated):
+        def call(*args, **kwargs):
+            if inside:
+                changes.append(propagated)
+            return made(*args, **kwargs)
 
-    engine._evaluate, engine._changes = spy_evaluate, spy_changes
+        return call
+
+    engine._evaluate = spy_evaluate
+    engine._difference, engine._propagation = spy(difference, False), spy(propagation, True)
     return evaluations, changes
 
 
