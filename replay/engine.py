@@ -91,7 +91,7 @@ from replay.plan import (
     default_memory_budget,
     rows_per_chunk,
 )
-from replay.updates import update_rule
+from replay.updates import gradient_scale, update_rule
 
 CHECK_ROWS = 4  # rows recomputed to estimate the error of the other arithmetics (at most)
 CHECK_COLUMNS = 4  # probes they are recomputed on, besides their own
@@ -141,18 +141,19 @@ def per_sample_grads(
     loss_dtype: torch.dtype | None = None,
     strategy: str = "vmap",
     with_outputs: bool = False,
+    scale: float = 1.0,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], Tensor]:
     """Gradient of each sample's loss alone: x ``[B, ...]``, y ``[B]`` or ``[B, C]`` -> name ->
     ``[B, *shape]`` (in the dtype of ``params``). ``loss_dtype``: the dtype the outputs are cast
     to before the loss (default: theirs); ``strategy``: ``vmap`` over the samples or a ``loop``;
     ``with_outputs``: also return the model's outputs ``[B, C]`` (in the dtype of ``params``),
-    which the pass computes anyway."""
+    which the pass computes anyway; ``scale``: the gradient of ``scale`` times the loss."""
 
     def sample_loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> tuple[Tensor, Tensor]:
         outputs = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
         cast = outputs if loss_dtype is None else outputs.to(loss_dtype)
         yi = yi.to(cast.dtype) if yi.is_floating_point() else yi
-        return per_sample_loss(loss, cast, yi.unsqueeze(0))[0], outputs[0].detach()
+        return scale * per_sample_loss(loss, cast, yi.unsqueeze(0))[0], outputs[0].detach()
 
     if strategy == "vmap":
         grads, outputs = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))(params, x, y)
@@ -256,6 +257,7 @@ class Engine:
         self.num_outputs = spec.num_outputs
         self.measures = resolve_measures(config.measures, spec.task)
         self.update = update_rule(config.update)
+        self.gradient_scale = gradient_scale(config.update)  # U = c g: the gradients of c L are the updates
         try:
             self.device = torch.device(config.device)
             torch.empty(0, device=self.device)
@@ -523,16 +525,23 @@ class Engine:
                 torch.float64,
                 self.strategy,
                 with_outputs=from_grads,
+                scale=self.gradient_scale or 1.0,
             )
             if from_grads:
                 grads, network_base = grads
                 base = network_base.to(exact)
             grads = {k: g.to(fast) for k, g in grads.items()}
-            try:
-                updates = self.update(update_params, grads, snapshot.optimizer)
-            except ReplayError as e:
-                raise ReplayError(f"snapshot step {snapshot.step}: {e}") from None
-            if predict and self._predicted_error(base, y, chunk, grads, updates) > AUTO_TARGET:
+            if self.gradient_scale is not None:  # the gradients of c L are the updates c g
+                updates, grads = grads, None
+            else:
+                try:
+                    updates = self.update(update_params, grads, snapshot.optimizer)
+                except ReplayError as e:
+                    raise ReplayError(f"snapshot step {snapshot.step}: {e}") from None
+            norms.append(
+                torch.stack([u.flatten(1).norm(dim=1) for u in updates.values()]).to(exact).norm(dim=0)
+            )
+            if predict and self._predicted_error(base, y, chunk, grads, updates, norms[-1]) > AUTO_TARGET:
                 if self.rows_per_chunk(fallback.name) != self.rows_per_chunk(arithmetic.name):
                     return self._evaluate(snapshot, fallback)  # other blocks: start afresh
                 arithmetic = fallback
@@ -548,9 +557,6 @@ class Engine:
                     fast_base = network_base if network == fast else None
                     fast_buffers = {k: v.to(fast) for k, v in buffers.items()}
                     outputs = self._difference(update_params, fast_buffers, x.to(fast), fast_base)
-            norms.append(
-                torch.stack([u.flatten(1).norm(dim=1) for u in updates.values()]).to(exact).norm(dim=0)
-            )
             # A probe whose update is exactly zero leaves every output exactly where it was: its
             # row of changes is zero, not the rounding noise of two forward passes.
             moved = norms[-1] > 0  # [B]
@@ -578,28 +584,38 @@ class Engine:
         return result, kept
 
     def _predicted_error(
-        self, base: Tensor, y: Tensor, chunk: Tensor, grads: dict[str, Tensor], updates: dict[str, Tensor]
+        self,
+        base: Tensor,
+        y: Tensor,
+        chunk: Tensor,
+        grads: dict[str, Tensor] | None,
+        updates: dict[str, Tensor],
+        norms: Tensor,
     ) -> float:
         """The error a difference of two forward passes in the fast dtype would have on the rows
-        ``chunk``, predicted from their gradients and updates (name -> ``[B, *shape]``) before any
-        change is computed: the rounding model ``eps * max_i max|f(x_i)| / max|D[i, i]|``, with the
-        own change estimated to first order, ``|D[i, i]| ~ |g_i . U_i| / ||dL_i/df||`` (the change
-        of the probe's own loss, ``g_i . U_i = dL_i/df . J_i U_i``, over its output gradient). On
-        the built-in models it came out at 0.6 to 1 times the measured amplification, and the
-        checked estimate at 1 to 15 times that rounding model, so a prediction above the target
-        is a miss, not a guess (below, the checked estimate still decides). It looks at
-        :data:`PREDICT_ROWS` or so rows spread over the block (the step's scale, not a row's, decides;
-        a row missed is caught by the check), which costs little even for 11 M weights a row."""
+        ``chunk``, predicted from their gradients and updates (name -> ``[B, *shape]``; ``grads``
+        None: the updates are ``c g`` with ``c`` :attr:`gradient_scale`) and update norms ``[B]``
+        before any change is computed: the rounding model ``eps * max_i max|f(x_i)| / max|D[i, i]|``,
+        with the own change estimated to first order, ``|D[i, i]| ~ |g_i . U_i| / ||dL_i/df||`` (the
+        change of the probe's own loss, ``g_i . U_i = dL_i/df . J_i U_i``, over its output
+        gradient; ``||U_i||^2 / c`` for updates ``c g``). On the built-in models it came out at 0.6
+        to 1 times the measured amplification, and the checked estimate at 1 to 15 times that
+        rounding model, so a prediction above the target is a miss, not a guess (below, the checked
+        estimate still decides). It looks at :data:`PREDICT_ROWS` or so rows spread over the block
+        (the step's scale, not a row's, decides; a row missed is caught by the check), which costs
+        little even for 11 M weights a row."""
         fast = next(iter(updates.values())).dtype
         rows = range(0, len(chunk), max(1, len(chunk) // PREDICT_ROWS))
-        # torch.dot of each row's own tensors: no copies of the weights (torch.linalg.vecdot over
-        # the rows took ten times as long on a CPU)
-        own = torch.stack(
-            [
-                sum(torch.dot(g[r].flatten(), updates[k][r].flatten()).double() for k, g in grads.items())
-                for r in rows
-            ]
-        )
+        if grads is None:
+            own = norms[list(rows)] ** 2 / self.gradient_scale
+        else:  # torch.dot of each row's own tensors: no copies of the weights (torch.linalg.vecdot
+            # over the rows took ten times as long on a CPU)
+            own = torch.stack(
+                [
+                    sum(torch.dot(g[r].flatten(), updates[k][r].flatten()).double() for k, g in grads.items())
+                    for r in rows
+                ]
+            )
         chunk = chunk[list(rows)]
         with torch.enable_grad():
             outputs = base[chunk].detach().requires_grad_()

@@ -184,6 +184,14 @@ def recorded_update(
     return updates
 
 
+def gradient_scale(config: UpdateConfig) -> float | None:
+    """``c`` where the rule's update is the gradient scaled by one number, ``U = c * g`` (``sgd``
+    without weight decay: ``c = -lr``), else None. The engine then differentiates ``c`` times each
+    probe's loss and takes those gradients as the updates: no pass over ``P`` copies of the
+    weights to scale them (they agree with ``-lr * g`` to a rounding of the working dtype)."""
+    return -config.lr if config.rule == "sgd" and config.weight_decay == 0 else None
+
+
 def update_rule(config: UpdateConfig) -> UpdateRule:
     """The update rule named by ``config.rule`` (see the module docstring)."""
     if config.rule == "recorded":

@@ -129,6 +129,24 @@ def test_chunking_over_updated_probes_does_not_change_the_result():
     torch.testing.assert_close(chunked.update_norm, whole.update_norm, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("precision", ["float64", "auto"])
+def test_sgd_updates_as_gradients_of_the_scaled_loss_equal_the_rules_own(precision):
+    """sgd without weight decay takes the gradients of -lr times each loss as the updates; with
+    the rule's -lr * g instead, the norms and measures agree to rounding."""
+    model, x, y = trained("small_cnn")
+    config = ReplayConfig(UpdateConfig("sgd", lr=1e-3), precision=precision)
+    engine = Engine(run_spec("small_cnn"), x, y, config)
+    assert engine.gradient_scale == -1e-3
+    scaled = engine.replay_snapshot(snapshot(model, 5))
+    engine.gradient_scale = None  # the rule's own updates
+    ruled = engine.replay_snapshot(snapshot(model, 5))
+    tolerance = 1e-12 if precision == "float64" else 1e-5
+    torch.testing.assert_close(scaled.update_norm, ruled.update_norm, rtol=tolerance, atol=0)
+    for name, S in ruled.measures.items():
+        torch.testing.assert_close(scaled.measures[name], S, rtol=tolerance, atol=1e-9, msg=name)
+    assert scaled.arithmetic == ruled.arithmetic
+
+
 def test_float32_refuses_an_sgd_step_it_cannot_resolve():
     model = make_model("mlp")
     x, y = make_probes("mlp", per_class=2)
