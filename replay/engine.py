@@ -4,7 +4,8 @@ For a snapshot with weights ``w`` and ``P`` probes ``(x_i, y_i)`` (``C`` outputs
 
 1. per-sample gradients ``g_i`` (``grad`` of each probe's loss through ``functional_call``, model
    in eval mode);
-2. virtual updates ``U_i = U(g_i)`` (:mod:`replay.updates`);
+2. virtual updates ``U_i = U(g_i)`` (:mod:`replay.updates`; where ``U = c g``, ``sgd`` without
+   weight decay, step 1 differentiates ``c`` times each loss and its gradients are the updates);
 3. output changes of every probe ``j`` under every update ``i``, ``D[i, j] = f(x_j; w + U_i) -
    f(x_j; w)`` ``[B, P, C]``, and for ``linear`` the Jacobian-vector products ``J_j . U_i``;
 4. the measures ``S[i, j]`` (:mod:`replay.measures`).
