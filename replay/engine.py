@@ -50,14 +50,14 @@ fewer below ``CHECK_ROWS * CHECK_SHARE`` probes, at least one) with the largest 
 ``max|f(x_i)| / max|D[i, i]|`` (the rows with the most rounding error) are recomputed from the
 same updates, on those rows' own probes and ``CHECK_COLUMNS`` others (after a propagation, on
 every probe when that is most of them: the check then shares the pass's float64 evaluation of
-the model), with
-the changes propagated by :mod:`replay.difference` (no cancellation): in float32 for the
-arithmetics that difference (its own error, at most 1e-6, is the floor of the estimate), in
-float64 for ``mixed``; for a model ``torch.fx`` cannot trace, as a float64 difference. The
-estimate is the largest relative row error of any measure there. It covers the output changes
-and the measures, not the float32 rounding of the per-sample gradients and updates (measured
-against float64: 1e-7 in the measures of the MLPs, 3e-6 in those of ResNet-18). An arithmetic
-other than float64 is refused when its estimate exceeds the tolerance; TF32 stays off.
+the model), with the changes propagated by :mod:`replay.difference` (no cancellation), from
+float64 base values (from float32 ones its own error reached 3e-5 for ResNet-18 at tiny steps):
+in float32 for the arithmetics that difference (its own error, at most 1e-6, is the floor of the
+estimate), in float64 for ``mixed``; for a model ``torch.fx`` cannot trace, as a float64
+difference. The estimate is the largest relative row error of any measure there. It covers the
+output changes and the measures, not the float32 rounding of the per-sample gradients and updates
+(measured against float64: 1e-7 in the measures of the MLPs, 3e-6 in those of ResNet-18). An
+arithmetic other than float64 is refused when its estimate exceeds the tolerance; TF32 stays off.
 
 On a CPU the engine has glibc keep freed memory (:func:`_retain_freed_memory`).
 """
