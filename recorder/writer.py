@@ -12,8 +12,12 @@ manifest fields and the metrics rows logged since the last line); the child (:fu
 
 The child imports only the standard library, so it starts in milliseconds, and it has its own
 interpreter lock: the training thread never waits for it (a writer thread in the training process
-cost a small CPU model 60% to 120% of its step time, in lock hand-overs). When the training
-process dies, the child reads the end of its stdin, writes every snapshot it was sent and exits.
+cost a small CPU model 60% to 120% of its step time, in lock hand-overs). The training process
+ends with an ``{"end": true}`` line, not by closing the pipe alone: a process forked from it after
+the child started (a ``DataLoader`` worker, say) holds a copy of the pipe's writing end, and the
+child would wait for its end of file as long as that process lives. When the training process
+dies, the child reads the end of its stdin (once its forks are gone too), writes every snapshot it
+was sent and exits.
 """
 
 from __future__ import annotations
@@ -169,10 +173,11 @@ class WriterProcess:
         self._raise_error()
 
     def close(self, raise_error: bool = True) -> None:
-        """Send the remaining rows, let the child finish every snapshot it was sent, wait for it."""
+        """Send the remaining rows and the end, let the child finish every snapshot it was sent,
+        wait for it."""
         try:
             if self.process.poll() is None:
-                self.flush_rows()
+                self._send([{"end": True}])
         except WriterError:
             pass
         finally:
@@ -257,7 +262,10 @@ class _Child:
         self.committer.start()
         try:
             for line in sys.stdin.buffer:
-                self.handle(json.loads(line))
+                message = json.loads(line)
+                if message.get("end"):
+                    break
+                self.handle(message)
         finally:
             self.stopping.set()
             self.committer.join()
@@ -333,7 +341,8 @@ class _Child:
 
 
 def serve(run_dir: str, fds: list[int]) -> None:
-    """Write what the training process sends (see the module docstring) until its stdin ends.
+    """Write what the training process sends (see the module docstring) until its end line, or
+    the end of its stdin.
 
     Every message gets an answer (``{"slot": ..}``, with ``error`` and ``errno`` once a write
     has failed; a failed commit is answered with ``slot`` null). Written snapshots are committed

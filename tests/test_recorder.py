@@ -342,6 +342,25 @@ def test_the_writer_process_finishes_what_it_was_sent_when_training_stops(tmp_pa
     assert [e.step for e in RunDir(tmp_path / "run").manifest] == [0, 1, 2, 3]
 
 
+def test_closing_does_not_wait_for_processes_forked_from_training(tmp_path):
+    """A process forked after the writer started (a DataLoader worker, say) holds the writer's
+    stdin open: closing still ends the writer at once, every snapshot written."""
+    rec = _recorder(tmp_path / "run", build_model(BN_SPEC), None, Schedule.every(1))
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    worker.start()
+    try:
+        for _ in range(3):
+            rec.step()
+        start = time.monotonic()
+        rec.close()
+        assert time.monotonic() - start < 20
+        assert rec._writer.process.returncode == 0
+    finally:
+        worker.kill()
+        worker.join()
+    assert [e.step for e in RunDir(tmp_path / "run").manifest] == [0, 1, 2, 3]
+
+
 def test_slots_follow_the_snapshot_size_and_rows_go_out_in_batches(tmp_path):
     writer = WriterProcess(tmp_path, None)
     try:
