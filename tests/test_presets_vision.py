@@ -79,7 +79,10 @@ def test_vision_preset_records_a_run_group_from_torchvision_files(tmp_path, monk
     trust_written_files(monkeypatch, DATA[preset].cls, root)
     runs = 2 if preset == "cifar10-resnet18" else 1
     spec = PRESETS[preset]
-    config = spec.config_cls(**TINY, data_root=str(root), runs=runs, seed=5)
+    # cifar10 with the preset's default data-loading workers (2): processes forked while the
+    # recorder's writer runs, alive until each run is closed
+    workers = spec.config_cls().workers if preset == "cifar10-resnet18" else 0
+    config = spec.config_cls(**(TINY | {"workers": workers}), data_root=str(root), runs=runs, seed=5)
     spec.record(tmp_path / "run", config)
 
     group = json.loads((tmp_path / "run" / "group.json").read_text())
