@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from recorder.runfiles import RunDirError
+from recorder.rundir.errors import ElasticityError
 
 _UNITS = {
     "": 1,
@@ -62,13 +62,11 @@ def _fail_cleanly(fn):
     """Turn the library's input errors into one-line click errors (exit status 1)."""
     import functools
 
-    from replay.config import ReplayError
-
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (RunDirError, ReplayError) as e:
+        except ElasticityError as e:
             raise click.ClickException(str(e)) from None
 
     return wrapper
@@ -209,7 +207,8 @@ def replay(
 
     RUN_DIR may be a run group (several seeds of one preset): each run is replayed in turn.
     """
-    from replay.config import ReplayConfig, ReplayError, UpdateConfig
+    from recorder.rundir.errors import ReplayError
+    from replay.config import ReplayConfig, UpdateConfig
     from replay.run import replay as run_replay
 
     if rule == "recorded" and lr is not None:
@@ -231,7 +230,7 @@ def replay(
     except ReplayError as e:
         raise click.UsageError(str(e)) from None
     from recorder.models import load_external_factory
-    from recorder.rungroup import is_group, read_group
+    from recorder.rundir.group import is_group, read_group
 
     for target in factories:
         try:

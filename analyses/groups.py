@@ -17,8 +17,8 @@ import numpy as np
 
 from analyses.curves import MeasureCurves, measure_curves, nan_mean
 from analyses.results import ReplayResult, load_results
-from recorder.runfiles import RunDir
-from recorder.rungroup import is_group, read_group
+from recorder.rundir.group import is_group, read_group
+from recorder.rundir.run import RunDir
 
 
 @dataclass

@@ -44,7 +44,7 @@ from analyses.plots import (
     plot_trajectory,
 )
 from analyses.published import PAPER_MEASURES, PUBLISHED
-from analyses.results import ReplayResult, ResultsError
+from analyses.results import ReplayResult
 from analyses.tables import (
     PAPER_NOTE,
     PHASES_HEADER,
@@ -57,8 +57,10 @@ from analyses.tables import (
     summary_rows,
 )
 from analyses.training import Series, training_series
-from recorder.runfiles import RunDir, atomic_write_bytes, atomic_write_json, finite_or_none
-from recorder.rungroup import is_group, read_group
+from recorder.rundir.errors import ResultsError
+from recorder.rundir.files import atomic_write_bytes, atomic_write_json, finite_or_none
+from recorder.rundir.group import is_group, read_group
+from recorder.rundir.run import RunDir
 
 BOOTSTRAP_REPLICATES = 500
 CI_LEVEL = 0.95

@@ -22,11 +22,7 @@ import numpy as np
 import zarr
 
 from analyses.classpairs import STATS
-from recorder.runfiles import RunDirError
-
-
-class ResultsError(RunDirError):
-    """No replay store in a run directory, or a store that is unreadable or malformed."""
+from recorder.rundir.errors import ResultsError
 
 
 class SnapshotArray:

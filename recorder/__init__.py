@@ -16,8 +16,16 @@ def __getattr__(name: str):
         from recorder.schedule import Schedule
 
         return Schedule
-    if name in __all__:
-        from recorder import runfiles
+    if name in ("ModelSpec", "RunSpec"):
+        from recorder.rundir import spec
 
-        return getattr(runfiles, name)
+        return getattr(spec, name)
+    if name == "RunDir":
+        from recorder.rundir.run import RunDir
+
+        return RunDir
+    if name == "RunDirError":
+        from recorder.rundir.errors import RunDirError
+
+        return RunDirError
     raise AttributeError(f"module 'recorder' has no attribute {name!r}")

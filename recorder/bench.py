@@ -25,7 +25,7 @@ import torch
 from recorder.losses import batch_loss
 from recorder.models import build_model
 from recorder.recorder import Recorder
-from recorder.runfiles import ModelSpec
+from recorder.rundir.spec import ModelSpec
 from recorder.schedule import Schedule
 
 SNAPSHOT_EVERY = 9

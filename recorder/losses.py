@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from recorder.runfiles import LOSSES
+from recorder.rundir.spec import LOSSES
 
 
 def per_sample_loss(name: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from recorder.runfiles import ModelSpec, RunDirError
+from recorder.rundir.errors import RunDirError
+from recorder.rundir.spec import ModelSpec
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 

@@ -27,16 +27,12 @@ import torch
 from torch import nn
 
 from recorder.models import build_model, check_state_matches
-from recorder.runfiles import (
-    LOSSES,
-    TASKS,
-    ModelSpec,
-    RunDirError,
-    RunSpec,
-    SnapshotLayout,
-    create_run_dir,
-    optimizer_metadata,
-)
+from recorder.rundir.errors import RunDirError
+from recorder.rundir.files import to_json
+from recorder.rundir.run import create_run_dir
+from recorder.rundir.snapshot import SnapshotLayout
+from recorder.rundir.spec import LOSSES, TASKS, ModelSpec, RunSpec
+from recorder.rundir.trajectory import optimizer_metadata
 from recorder.schedule import Schedule
 from recorder.writer import WriterProcess
 
@@ -369,7 +365,7 @@ class Recorder:
 
     def _group_record(self, group: dict[str, Any]) -> dict[str, Any]:
         """One parameter group's hyperparameters, JSON-safe, with ``params`` as parameter names."""
-        record = {k: _json_safe(v) for k, v in group.items() if k != "params"}
+        record = {k: to_json(v) for k, v in group.items() if k != "params"}
         record["params"] = [self._param_names[id(p)] for p in group["params"]]
         return record
 
@@ -385,16 +381,6 @@ def _pin(payload: torch.Tensor) -> None:
 def _unpin(payload: torch.Tensor) -> None:
     torch.cuda.cudart().cudaHostUnregister(payload.data_ptr())
 
-
-def _json_safe(value: Any) -> Any:
-    """A hyperparameter as JSON: tensors to numbers or lists, tuples to lists, others to repr."""
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return repr(value)
 
 
 def _check_model(model: nn.Module, spec: ModelSpec, inputs: torch.Tensor) -> int:

@@ -35,7 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from recorder.trajectory import TrajectoryWriter, safetensors_header, snapshot_metadata
+from recorder.rundir.errors import WriterError
+from recorder.rundir.trajectory import TrajectoryWriter, safetensors_header, snapshot_metadata
 
 MAX_SLOTS = 8  # shared-memory slots, so snapshots in flight at most
 MIN_SLOTS = 2
@@ -64,10 +65,6 @@ class SharedBuffer:
         os.ftruncate(self.fd, self.capacity)
         self.map = mmap.mmap(self.fd, self.capacity)
         return True
-
-
-class WriterError(RuntimeError):
-    """The writer process failed, or is gone."""
 
 
 class WriterProcess:

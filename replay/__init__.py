@@ -4,7 +4,8 @@
 >>> replay("runs/digits", ReplayConfig(UpdateConfig("recorded")))   # -> runs/digits/recorded.zarr
 """
 
-from replay.config import ReplayConfig, ReplayError, ReplayWarning, UpdateConfig
+from recorder.rundir.errors import ReplayError, ReplayWarning
+from replay.config import ReplayConfig, UpdateConfig
 from replay.run import replay
 
 __all__ = ["ReplayConfig", "ReplayError", "ReplayWarning", "UpdateConfig", "replay"]

@@ -42,7 +42,8 @@ from torch.func import functional_call
 from recorder.bench import recorder_overhead
 from recorder.losses import batch_loss
 from recorder.models import build_model
-from recorder.runfiles import ModelSpec, RunSpec, Snapshot
+from recorder.rundir.snapshot import Snapshot
+from recorder.rundir.spec import ModelSpec, RunSpec
 from replay.config import ReplayConfig, UpdateConfig
 from replay.engine import Engine, no_tf32
 from replay.plan import ARITHMETIC, STRATEGIES, activations_per_sample

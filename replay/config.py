@@ -13,17 +13,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from recorder.rundir.errors import ReplayError
+from recorder.rundir.files import to_json
+
 RULES = ("sgd", "adam-fresh", "recorded")
 PRECISIONS = ("float64", "float32", "difference32", "mixed", "auto")
 STRATEGIES = ("auto", "vmap", "loop")
-
-
-class ReplayError(Exception):
-    """A replay cannot proceed: bad configuration, unsupported run, or unresolvable precision."""
-
-
-class ReplayWarning(UserWarning):
-    """A replay went on but something in it is suspect (non-finite weights, imprecise measures)."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +64,7 @@ class UpdateConfig:
     def effective(self) -> dict[str, Any]:
         """The fields that ``rule`` actually uses (the others do not change the results)."""
         used = {"sgd": ("lr", "weight_decay"), "adam-fresh": ("lr", "eps", "betas"), "recorded": ()}
-        return {"rule": self.rule} | {k: _jsonable(getattr(self, k)) for k in used[self.rule]}
+        return {"rule": self.rule} | {k: to_json(getattr(self, k)) for k in used[self.rule]}
 
 
 @dataclass(frozen=True)
@@ -166,7 +161,7 @@ class ReplayConfig:
         store (device, memory budget, strategy and name only decide where and how fast)."""
         return {
             "update": self.update.effective(),
-            "measures": _jsonable(self.measures),
+            "measures": to_json(self.measures),
             "precision": self.precision,
             "ratio_eps": self.ratio_eps,
             "include_self": self.include_self,
@@ -174,7 +169,7 @@ class ReplayConfig:
         }
 
     def to_json(self) -> dict[str, Any]:
-        return _jsonable(dataclasses.asdict(self))
+        return to_json(dataclasses.asdict(self))
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> ReplayConfig:
@@ -186,11 +181,3 @@ class ReplayConfig:
         except TypeError as e:
             raise ReplayError(f"malformed replay configuration: {e}") from None
 
-
-def _jsonable(value: Any) -> Any:
-    """Tuples to lists, recursively (the JSON form of the dataclasses above)."""
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return [_jsonable(v) for v in value]
-    return value

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.func import functional_call, jvp
 
+from recorder.rundir.errors import UnsupportedModel
+
 # Modules whose output is a linear function of their input alone (no parameters).
 _LINEAR_MODULES = (
     nn.Identity,
@@ -66,10 +68,6 @@ _LINEAR_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contig
 _SHAPE_METHODS = {"size", "dim"}  # results that do not depend on the values
 _SUMS = {operator.add: 1, torch.add: 1, operator.sub: -1, torch.sub: -1}
 _RELUS = {torch.relu, F.relu}
-
-
-class UnsupportedModel(Exception):
-    """The model cannot be traced by ``torch.fx``: use the plain difference in float64."""
 
 
 @dataclass

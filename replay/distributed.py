@@ -24,7 +24,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from replay.config import ReplayError
+from recorder.rundir.errors import ReplayError
 
 # A rank that finishes its share early waits at the final barrier for the slowest, however long
 # their snapshots take; a rank that dies is detected by torchrun, which then stops the others.

@@ -78,9 +78,11 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from recorder.losses import per_sample_loss
 from recorder.models import build_model, check_state_matches
-from recorder.runfiles import RunDirError, RunSpec, Snapshot
-from replay.config import ReplayConfig, ReplayError, ReplayWarning
-from replay.difference import BaseState, ChangePropagator, UnsupportedModel
+from recorder.rundir.errors import ReplayError, ReplayWarning, RunDirError, UnsupportedModel
+from recorder.rundir.snapshot import Snapshot
+from recorder.rundir.spec import RunSpec
+from replay.config import ReplayConfig
+from replay.difference import BaseState, ChangePropagator
 from replay.measures import Changes, ratio, resolve_measures
 from replay.plan import (
     ARITHMETIC,

@@ -27,7 +27,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from replay.config import ReplayError
+from recorder.rundir.errors import ReplayError
 
 
 class Changes:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from replay.config import ReplayError
+from recorder.rundir.errors import ReplayError
 
 
 @dataclass(frozen=True)

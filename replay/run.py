@@ -34,8 +34,11 @@ from torch import nn
 from tqdm import tqdm
 
 from recorder.models import build_model, check_state_matches
-from recorder.runfiles import CorruptSnapshotError, RunDir, RunDirError, Snapshot, SnapshotEntry, is_number
-from replay.config import ReplayConfig, ReplayWarning
+from recorder.rundir.errors import CorruptSnapshotError, ReplayWarning, RunDirError
+from recorder.rundir.files import is_number
+from recorder.rundir.run import RunDir
+from recorder.rundir.snapshot import Snapshot, SnapshotEntry
+from replay.config import ReplayConfig
 from replay.distributed import Ranks, join
 from replay.engine import Engine
 from replay.store import ReplayStore, exclusive_writer

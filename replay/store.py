@@ -43,8 +43,10 @@ import torch
 import zarr
 
 from analyses.classpairs import STATS, aggregate
-from recorder.runfiles import RunDirError, RunSpec, SnapshotEntry
-from replay.config import ReplayConfig, ReplayError
+from recorder.rundir.errors import ReplayError, RunDirError
+from recorder.rundir.snapshot import SnapshotEntry
+from recorder.rundir.spec import RunSpec
+from replay.config import ReplayConfig
 from replay.engine import SnapshotResult
 
 _ORPHAN = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr's temporary file of an interrupted write

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from recorder.runfiles import OptimizerRecord
-from replay.config import ReplayError, UpdateConfig
+from recorder.rundir.errors import ReplayError
+from recorder.rundir.snapshot import OptimizerRecord
+from replay.config import UpdateConfig
 
 UpdateRule = Callable[[dict[str, Tensor], dict[str, Tensor], OptimizerRecord | None], dict[str, Tensor]]
 

@@ -11,8 +11,10 @@ import zarr
 from analyses.classpairs import STATS, aggregate
 from analyses.curves import measure_curves
 from analyses.report import analyze, format_table
-from analyses.results import ResultsError, load_results
-from recorder.runfiles import ModelSpec, RunSpec, atomic_write_json
+from analyses.results import load_results
+from recorder.rundir.errors import ResultsError
+from recorder.rundir.files import atomic_write_json
+from recorder.rundir.spec import ModelSpec, RunSpec
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -24,7 +24,9 @@ from torch import nn
 
 from cli import main
 from recorder.models import _REGISTRY
-from recorder.runfiles import ModelSpec, RunSpec, RunWriter, sha256
+from recorder.rundir.files import sha256
+from recorder.rundir.run import RunWriter
+from recorder.rundir.spec import ModelSpec, RunSpec
 from replay import ReplayWarning
 from replay.store import exclusive_writer
 from tests.test_replay_helpers import make_model, make_probes, make_run, run_spec, snapshot

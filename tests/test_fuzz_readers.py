@@ -18,7 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
-from recorder.runfiles import RunDir, RunDirError, RunSpec, SnapshotEntry, decode_snapshot, sha256
+from recorder.rundir.errors import RunDirError
+from recorder.rundir.files import sha256
+from recorder.rundir.run import RunDir
+from recorder.rundir.snapshot import SnapshotEntry, decode_snapshot
+from recorder.rundir.spec import RunSpec
 from replay import ReplayConfig, ReplayError, replay
 from replay.store import ReplayStore
 from tests.test_replay_helpers import make_run

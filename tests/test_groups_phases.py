@@ -15,8 +15,10 @@ from analyses.groups import band, member_results, run_curves
 from analyses.phases import detect_transition
 from analyses.published import PUBLISHED
 from analyses.report import analyze, format_table
-from recorder.runfiles import ModelSpec, RunDirError, RunSpec, atomic_write_json
-from recorder.rungroup import read_group, record_group
+from recorder.rundir.errors import RunDirError
+from recorder.rundir.files import atomic_write_json
+from recorder.rundir.group import read_group, record_group
+from recorder.rundir.spec import ModelSpec, RunSpec
 from tests.test_analyses import B0, B1, LABELS6, block_matrix, write_store
 
 SQRT2 = np.sqrt(2)

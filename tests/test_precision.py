@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from recorder.rundir.errors import UnsupportedModel
 from replay.bench import make_case
 from replay.config import ReplayConfig, UpdateConfig
-from replay.difference import ChangePropagator, UnsupportedModel
+from replay.difference import ChangePropagator
 from replay.engine import Engine
 from tests.test_replay_helpers import make_model, make_probes, run_spec, snapshot, train_steps
 
@@ -79,7 +80,7 @@ def test_plain_float32_misses_the_bar_where_the_default_mode_meets_it():
 def test_layers_without_a_rule_are_differenced_in_float64(activation):
     """Activations other than relu take the float64 fallback of :mod:`replay.difference`."""
     from recorder.models import build_model
-    from recorder.runfiles import ModelSpec
+    from recorder.rundir.spec import ModelSpec
 
     torch.manual_seed(0)
     model = build_model(
@@ -115,7 +116,7 @@ def test_a_probe_whose_update_is_zero_moves_nothing_in_every_precision():
     """A ReLU gate leaves its inactive probes untouched (SPEC §6.2): their update is exactly zero,
     so are their rows of S; ``auto`` agrees with float64 instead of dividing rounding noise by eps."""
     from recorder.models import build_model
-    from recorder.runfiles import ModelSpec, RunSpec
+    from recorder.rundir.spec import ModelSpec, RunSpec
 
     torch.manual_seed(3)
     spec = RunSpec(ModelSpec("relu_gate", {"in_features": 5}), "regression", "half_sse", num_outputs=1)

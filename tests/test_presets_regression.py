@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recorder.presets import PRESETS
-from recorder.runfiles import RunDir
+from recorder.rundir.run import RunDir
 
 
 @pytest.mark.parametrize(

@@ -21,8 +21,9 @@ from torchvision.datasets.utils import calculate_md5
 
 from recorder.presets import PRESETS
 from recorder.presets.fake_vision import WRITERS
-from recorder.presets.vision import DATA, MEAN, STD, DataError
-from recorder.runfiles import RunDir
+from recorder.presets.vision import DATA, MEAN, STD
+from recorder.rundir.errors import DataError
+from recorder.rundir.run import RunDir
 
 DATASET = {"cifar10-resnet18": "cifar10", "svhn-resnet18": "svhn", "cifar100-resnet18": "cifar100"}
 TRAIN_FILES, TEST_FILES = 6, 3  # images of every class in the written files

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from replay.config import ReplayConfig, ReplayError, UpdateConfig
+from recorder.rundir.errors import ReplayError
+from replay.config import ReplayConfig, UpdateConfig
 
 
 def test_json_round_trip_through_text():

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from replay.config import ReplayConfig, ReplayError, ReplayWarning, UpdateConfig
+from recorder.rundir.errors import ReplayError, ReplayWarning
+from replay.config import ReplayConfig, UpdateConfig
 from replay.engine import Engine, per_sample_grads
 from replay.reference import plain_changes, plain_measures
 from replay.updates import update_rule

@@ -13,7 +13,9 @@ from torch import nn
 
 from recorder.losses import batch_loss
 from recorder.models import build_model
-from recorder.runfiles import ModelSpec, OptimizerRecord, RunSpec, RunWriter, Snapshot
+from recorder.rundir.run import RunWriter
+from recorder.rundir.snapshot import OptimizerRecord, Snapshot
+from recorder.rundir.spec import ModelSpec, RunSpec
 
 NUM_CLASSES = 3
 MODEL_SPECS = {

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from recorder.models import build_model
-from recorder.runfiles import ModelSpec
-from replay.config import ReplayConfig, ReplayError
+from recorder.rundir.errors import ReplayError
+from recorder.rundir.spec import ModelSpec
+from replay.config import ReplayConfig
 from replay.engine import Engine
 from replay.plan import (
     ARITHMETIC,

@@ -12,7 +12,8 @@ import zarr
 
 import replay.store as replay_store
 from analyses.classpairs import aggregate
-from recorder.runfiles import RunDir, RunDirError, RunWriter
+from recorder.rundir.errors import RunDirError
+from recorder.rundir.run import RunDir, RunWriter
 from replay import ReplayConfig, ReplayError, ReplayWarning, UpdateConfig, replay
 from replay.engine import Engine
 from tests.test_replay_helpers import make_model, make_probes, make_run, run_spec, snapshot

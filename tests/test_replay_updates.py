@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from recorder.losses import batch_loss
-from recorder.runfiles import OptimizerRecord
-from replay.config import ReplayError, UpdateConfig
+from recorder.rundir.errors import ReplayError
+from recorder.rundir.snapshot import OptimizerRecord
+from replay.config import UpdateConfig
 from replay.engine import per_sample_grads
 from replay.reference import stepped_copies
 from replay.updates import recorded_update, update_rule

@@ -10,19 +10,17 @@ from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from recorder.runfiles import (
-    ModelSpec,
+from recorder.rundir.errors import RunDirError
+from recorder.rundir.run import RunDir, RunWriter
+from recorder.rundir.snapshot import (
     OptimizerRecord,
-    RunDir,
-    RunDirError,
-    RunSpec,
-    RunWriter,
     Snapshot,
     SnapshotLayout,
-    TrajectoryWriter,
     decode_snapshot,
     encode_snapshot,
 )
+from recorder.rundir.spec import ModelSpec, RunSpec
+from recorder.rundir.trajectory import TrajectoryWriter
 
 SPEC = RunSpec(
     model=ModelSpec("mlp", {"in_features": 4, "num_outputs": 3, "hidden": [5]}),

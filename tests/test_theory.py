@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch.func import functional_call, jvp
 
-from analyses.results import ResultsError
 from analyses.theory import (
     FAMILIES,
     Homogeneous,
@@ -31,7 +30,8 @@ from recorder.presets.theory import (
     setup,
     two_gaussians,
 )
-from recorder.runfiles import ModelSpec, RunDirError
+from recorder.rundir.errors import ResultsError, RunDirError
+from recorder.rundir.spec import ModelSpec
 from replay.config import ReplayConfig, UpdateConfig
 from replay.run import replay
 

@@ -22,7 +22,7 @@ from analyses.theory.base import EPS, TheoryModel, s_rel
 from analyses.theory.families import FAMILIES
 from analyses.theory.runs import TheoryRun, load_theory_run, sgd_store
 from recorder.presets.theory import PRESET_CONFIGS, setup
-from recorder.runfiles import RunDirError
+from recorder.rundir.errors import RunDirError
 
 NUM_CLASSES = 2  # the mixture of SPEC §6.1
 MARKERS = {"orig_outputs_l2": "o", "linear": "x"}  # replayed measures laid over the closed form

@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analyses.results import ReplayResult, ResultsError, load_result
+from analyses.results import ReplayResult, load_result
 from analyses.theory.base import EPS, TheoryModel, s_rel
 from analyses.theory.families import FAMILIES, Family
 from recorder.models import build_model
 from recorder.presets.theory import PRESET_CONFIGS, TheoryConfig
-from recorder.runfiles import RunDir, RunDirError
+from recorder.rundir.errors import ResultsError, RunDirError
+from recorder.rundir.run import RunDir
 
 # measure name -> (change, norm order): the closed form of each measure replay stores for regression
 CLOSED_FORMS = {"orig_outputs_l2": ("exact", 2), "orig_outputs_l1": ("exact", 1), "linear": ("linear", 2)}

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from recorder.models import build_model
 from recorder.presets import Preset, register_preset
 from recorder.recorder import Recorder
-from recorder.runfiles import ModelSpec
+from recorder.rundir.spec import ModelSpec
 from recorder.schedule import Schedule
 from recorder.training import train
 

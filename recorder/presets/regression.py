@@ -31,8 +31,8 @@ from recorder.models import build_model
 from recorder.presets import Preset, register_preset
 from recorder.presets.theory import two_gaussians
 from recorder.recorder import Recorder
-from recorder.runfiles import ModelSpec
-from recorder.rungroup import record_group
+from recorder.rundir.group import record_group
+from recorder.rundir.spec import ModelSpec
 from recorder.schedule import Schedule
 from recorder.training import train
 

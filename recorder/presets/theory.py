@@ -48,7 +48,7 @@ from recorder.losses import batch_loss
 from recorder.models import build_model
 from recorder.presets import Preset, register_preset
 from recorder.recorder import Recorder
-from recorder.runfiles import ModelSpec
+from recorder.rundir.spec import ModelSpec
 from recorder.schedule import Schedule
 
 CLASS_MEANS = (1.0, 9.0)

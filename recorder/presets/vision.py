@@ -29,8 +29,9 @@ from torchvision import datasets, transforms
 from recorder.models import build_model
 from recorder.presets import Preset, register_preset
 from recorder.recorder import Recorder
-from recorder.runfiles import ModelSpec, RunDirError
-from recorder.rungroup import record_group
+from recorder.rundir.errors import DataError
+from recorder.rundir.group import record_group
+from recorder.rundir.spec import ModelSpec
 from recorder.schedule import Schedule
 from recorder.training import train
 
@@ -45,11 +46,6 @@ TRAIN_TRANSFORM = transforms.Compose(
         transforms.Normalize(MEAN, STD),
     ]
 )
-
-
-class DataError(RunDirError):
-    """A preset's data set is missing or unreadable, or does not fit its settings (a
-    :class:`RunDirError`: the CLI prints one line)."""
 
 
 @dataclass

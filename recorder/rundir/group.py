@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recorder.runfiles import RunDirError, atomic_write_json
+from recorder.rundir.errors import RunDirError
+from recorder.rundir.files import atomic_write_json
 
 GROUP_FILE = "group.json"
 GROUP_FORMAT = 1

@@ -2,7 +2,7 @@
 metrics rows, written crash-safely with nothing but the standard library.
 
 It imports neither torch nor safetensors, so the recorder's writer process
-(:mod:`recorder.writer`) starts in milliseconds; :class:`recorder.runfiles.RunWriter` writes
+(:mod:`recorder.writer`) starts in milliseconds; :class:`recorder.rundir.run.RunWriter` writes
 through the same :class:`TrajectoryWriter`. A snapshot file is a safetensors file: an 8-byte
 little-endian header length, the JSON header (padded with spaces to a multiple of 8 bytes), then
 the tensors' bytes back to back in the order of their offsets.
@@ -10,65 +10,16 @@ the tensors' bytes back to back in the order of their offsets.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import struct
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from recorder.rundir.files import Buffer, atomic_write_bytes, finite_or_none, fsync_path, sha256
+
 FORMAT_VERSION = 1
-Buffer = bytes | bytearray | memoryview
-
-
-def atomic_write_bytes(path: str | os.PathLike, *chunks: Buffer, durable: bool = True) -> None:
-    """Write the concatenation of ``chunks`` to ``path`` via a temporary file and a rename, so
-    ``path`` is either absent or complete; ``durable``: fsync the file before the rename and the
-    directory after it, so it is also on disk (else see :func:`fsync_path`)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if durable:
-        fsync_path(path.parent)
-
-
-def fsync_path(path: str | os.PathLike) -> None:
-    """fsync a file or a directory by its path."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def sha256(*chunks: Buffer) -> str:
-    """Hex SHA-256 of the concatenation of ``chunks`` (hashlib releases the GIL on large ones)."""
-    digest = hashlib.sha256()
-    for chunk in chunks:
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
-def finite_or_none(x: float | None) -> float | None:
-    """JSON has no NaN/Inf: store them as null."""
-    return None if x is None or not math.isfinite(x) else float(x)
 
 
 def snapshot_filename(step: int) -> str:

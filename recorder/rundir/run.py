@@ -1,0 +1,195 @@
+"""The run directory as a whole: :class:`RunDir` reads and validates it, :func:`create_run_dir`
+and :class:`RunWriter` write it.
+
+A run directory holds everything replay needs and nothing that executes::
+
+    RUN_DIR/
+      spec.json            RunSpec: model factory + kwargs, task, loss, optimizer type, seed, versions
+      probes.safetensors   "inputs" [P, ...], "targets" [P] (int64 classes) or [P, C] (float)
+      manifest.json        {"format": 1, "snapshots": [SnapshotEntry, ...]}, rewritten atomically
+      metrics.jsonl        one JSON object per line: {"step": .., "epoch": .., <metric>: ..}
+      snapshots/step_00000012.safetensors     (see :mod:`recorder.rundir.snapshot`)
+
+A snapshot is listed in the manifest only after its file is complete on disk (written to a
+temporary name, fsynced, renamed), so a crash leaves only complete, listed snapshots. Every
+reader here turns malformed input into a :class:`RunDirError` naming the file (a damaged
+snapshot file into its subclass :class:`CorruptSnapshotError`), never another exception; nothing
+read from a run directory is executed (JSON and safetensors only, no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+
+from recorder.rundir.errors import CorruptSnapshotError, RunDirError
+from recorder.rundir.files import atomic_write_bytes, atomic_write_json, parse_json, sha256
+from recorder.rundir.snapshot import (
+    WEIGHT_DTYPES,
+    Snapshot,
+    SnapshotEntry,
+    decode_snapshot,
+    encode_snapshot,
+    load_safetensors,
+)
+from recorder.rundir.spec import RunSpec
+from recorder.rundir.trajectory import FORMAT_VERSION, TrajectoryWriter
+
+PROBE_DTYPES = WEIGHT_DTYPES + (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+class RunDir:
+    """Read access to a run directory, validating everything it reads.
+
+    >>> run = RunDir("runs/digits")       # doctest: +SKIP
+    >>> run.spec.model.factory, len(run.manifest)
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise RunDirError(f"{self.path}: no such run directory")
+        if not self.path.is_dir():
+            raise RunDirError(f"{self.path}: not a directory")
+        if not os.access(self.path, os.R_OK | os.X_OK):
+            raise RunDirError(f"{self.path}: run directory is not readable")
+        if not (self.path / "spec.json").exists():
+            raise RunDirError(f"{self.path}: not a run directory (no spec.json); record one first")
+        self.spec = RunSpec.from_json(self._read_json("spec.json"), where=str(self.path / "spec.json"))
+        self.manifest = self._read_manifest()
+
+    def _read_bytes(self, name: str, error: type[RunDirError] = RunDirError, what: str = "missing") -> bytes:
+        """The bytes of ``name`` (relative to the run directory); failures raise ``error``."""
+        p = self.path / name
+        try:
+            return p.read_bytes()
+        except FileNotFoundError:
+            raise error(f"{p}: {what}") from None
+        except (OSError, ValueError) as e:  # ValueError: a name the OS cannot take
+            raise error(f"{p}: unreadable ({e})") from None
+
+    def _read_json(self, name: str) -> Any:
+        return parse_json(self._read_bytes(name), str(self.path / name))
+
+    def _read_manifest(self) -> list[SnapshotEntry]:
+        where = str(self.path / "manifest.json")
+        if not (self.path / "manifest.json").exists():
+            return []
+        obj = self._read_json("manifest.json")
+        if not isinstance(obj, dict) or not isinstance(obj.get("snapshots"), list):
+            raise RunDirError(f"{where}: expected {{'format': {FORMAT_VERSION}, 'snapshots': [...]}}")
+        if obj.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+            raise RunDirError(
+                f"{where}: format {obj['format']!r} is not supported (expected {FORMAT_VERSION})"
+            )
+        entries = [SnapshotEntry.from_json(e, f"{where} entry {k}") for k, e in enumerate(obj["snapshots"])]
+        steps = [e.step for e in entries]
+        if steps != sorted(set(steps)):
+            raise RunDirError(f"{where}: snapshot steps must be strictly increasing")
+        return entries
+
+    def probes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The probe set: inputs [P, ...] and targets [P] (int64 classes) or [P, C] (floats), finite."""
+        p = self.path / "probes.safetensors"
+        tensors = load_safetensors(self._read_bytes("probes.safetensors"), str(p))
+        if set(tensors) != {"inputs", "targets"}:
+            raise RunDirError(f"{p}: expected tensors 'inputs' and 'targets', found {sorted(tensors)[:4]}")
+        inputs, targets = tensors["inputs"], tensors["targets"]
+        if inputs.dtype not in PROBE_DTYPES or targets.dtype not in PROBE_DTYPES:
+            raise RunDirError(f"{p}: unsupported dtype {inputs.dtype} / {targets.dtype}")
+        if inputs.ndim < 1 or inputs.shape[0] == 0:
+            raise RunDirError(f"{p}: the probe set is empty")
+        if targets.shape[:1] != inputs.shape[:1]:
+            raise RunDirError(
+                f"{p}: {inputs.shape[0]} inputs but {targets.shape[0] if targets.ndim else 0} targets"
+            )
+        if self.spec.task == "classification":
+            if targets.dtype != torch.int64 or targets.ndim != 1:
+                raise RunDirError(f"{p}: classification targets must be int64 of shape [P]")
+            if targets.min() < 0 or targets.max() >= self.spec.num_outputs:
+                raise RunDirError(f"{p}: class labels must lie in [0, {self.spec.num_outputs})")
+        elif not targets.is_floating_point() or tuple(targets.shape) != (len(inputs), self.spec.num_outputs):
+            raise RunDirError(f"{p}: regression targets must be floats of shape [P, {self.spec.num_outputs}]")
+        for name, t in (("inputs", inputs), ("targets", targets)):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise RunDirError(f"{p}: probe {name} contain NaN or Inf")
+        return inputs, targets
+
+    def load_snapshot(self, entry: SnapshotEntry, verify: bool = True) -> Snapshot:
+        """Read one listed snapshot, checking its size and checksum unless ``verify`` is False.
+
+        A missing, unreadable, truncated or corrupted file raises :class:`CorruptSnapshotError`.
+        """
+        p = self.path / entry.file
+        missing = f"listed in the manifest (step {entry.step}) but missing"
+        data = self._read_bytes(entry.file, CorruptSnapshotError, missing)
+        if verify and (len(data) != entry.bytes or sha256(data) != entry.sha256):
+            raise CorruptSnapshotError(
+                f"{p}: checksum mismatch (step {entry.step}): the file is truncated or corrupted"
+            )
+        snap = decode_snapshot(data, str(p))
+        if snap.step != entry.step:
+            raise CorruptSnapshotError(f"{p}: holds step {snap.step}, the manifest says {entry.step}")
+        snap.nonfinite = [k for k, v in snap.params.items() if not torch.isfinite(v).all()]
+        return snap
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """Per-step / per-epoch metrics (``metrics.jsonl``); torn or malformed lines are ignored."""
+        if not (self.path / "metrics.jsonl").exists():
+            return []
+        rows = []
+        for line in self._read_bytes("metrics.jsonl").decode(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+        return rows
+
+
+def create_run_dir(
+    path: str | os.PathLike, spec: RunSpec, inputs: torch.Tensor, targets: torch.Tensor
+) -> None:
+    """Create a run directory: ``spec.json``, ``probes.safetensors`` (inputs [P, ...], targets [P]
+    or [P, C]) and an empty manifest. Refuses a directory that already holds a run."""
+    path = Path(path)
+    if (path / "manifest.json").exists() or (path / "spec.json").exists():
+        raise RunDirError(f"{path}: already holds a run; choose a new run directory")
+    (path / "snapshots").mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path / "spec.json", spec.to_json())
+    probes = {"inputs": inputs.detach().cpu().contiguous(), "targets": targets.detach().cpu().contiguous()}
+    atomic_write_bytes(path / "probes.safetensors", st_save(probes))
+    TrajectoryWriter(path).write_manifest()
+
+
+class RunWriter:
+    """A synchronous writer of a whole run directory from :class:`Snapshot` records (the recorder
+    creates the directory the same way and writes its snapshots from :mod:`recorder.writer`)."""
+
+    def __init__(self, path: str | os.PathLike, spec: RunSpec, inputs: torch.Tensor, targets: torch.Tensor):
+        create_run_dir(path, spec, inputs, targets)
+        self.path = Path(path)
+        self._trajectory = TrajectoryWriter(path)
+
+    def add_snapshot(
+        self,
+        snapshot: Snapshot,
+        epoch: int = 0,
+        lr: float | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> SnapshotEntry:
+        """Write one snapshot file, then list it. Steps must increase."""
+        entry = self._trajectory.add_snapshot(snapshot.step, [encode_snapshot(snapshot)], epoch, lr, metrics)
+        self._trajectory.commit()
+        return SnapshotEntry.from_json(entry, str(self.path / "manifest.json"))
+
+    def log_metrics(self, *rows: dict[str, Any]) -> None:
+        """Append metrics rows to ``metrics.jsonl`` durably (see :meth:`TrajectoryWriter.log_metrics`)."""
+        self._trajectory.log_metrics(*rows)
+        self._trajectory.commit()
