@@ -9,10 +9,14 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+import types
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from recorder.rundir.errors import ElasticityError
 
@@ -50,12 +54,76 @@ class MemorySize(click.ParamType):
             self.fail(f"{value!r} is not a size such as 512MiB or 4GiB", param, ctx)
 
 
-memory_budget_option = click.option(
-    "--memory-budget",
-    type=MemorySize(),
-    default=None,
-    help="Bytes for stacked weight copies, e.g. 2GiB [default: from the device].",
-)
+def setting_option(
+    f: dataclasses.Field, hint: Any, choices: Sequence[str] | None = None, help: str | None = None
+) -> click.Option:
+    """The click option of one config dataclass field (of type ``hint``), from its metadata (see
+    :mod:`replay.config`): ``--<name>`` or ``option``, the field's default and help, a choice of
+    ``choices`` (default: the metadata's), a size for ``unit`` bytes, a flag for a bool, a
+    comma-separated list for ``tuple[str, ...]``, a fixed number of values for another tuple."""
+    meta = f.metadata
+    kwargs: dict[str, Any] = {"default": f.default, "show_default": f.default is not None}
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] if _is_union(hint) else [hint]
+    kind, args = typing.get_origin(kinds[0]) or kinds[0], typing.get_args(kinds[0])
+    if choices is not None or "choices" in meta:
+        kwargs["type"] = click.Choice(list(choices if choices is not None else meta["choices"]))
+    elif meta.get("unit") == "bytes":
+        kwargs |= {"type": MemorySize(), "metavar": "SIZE"}
+    elif kind is bool:
+        kwargs |= {"is_flag": True, "show_default": False}
+    elif kind is tuple and args[-1] is Ellipsis:
+        kwargs |= {"metavar": "A,B,...", "callback": _comma_list}
+    else:
+        kwargs["type"] = tuple(args) if kind is tuple else kind
+    name = meta.get("option", "--" + f.name.replace("_", "-"))
+    return click.Option([name, f.name], help=help or meta["help"], **kwargs)
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    return tuple(m.strip() for m in value.split(",")) if value else None
+
+
+def setting_options(config_cls: type) -> list[click.Option]:
+    """:func:`setting_option` for every field of the config dataclass ``config_cls``, the fields of
+    a nested config (a field whose default is a config dataclass) in its place."""
+    hints = typing.get_type_hints(config_cls)
+    options = []
+    for f in dataclasses.fields(config_cls):
+        nested = f.default_factory if dataclasses.is_dataclass(f.default_factory) else None
+        options += setting_options(nested) if nested else [setting_option(f, hints[f.name])]
+    return options
+
+
+def config_from(config_cls: type, values: dict[str, Any]) -> Any:
+    """``config_cls`` from the values of its :func:`setting_options` (by field name)."""
+    return config_cls(
+        **{
+            f.name: config_from(f.default_factory, values)
+            if dataclasses.is_dataclass(f.default_factory)
+            else values[f.name]
+            for f in dataclasses.fields(config_cls)
+        }
+    )
+
+
+class SettingsCommand(click.Command):
+    """A command whose options from the config dataclasses, ``make_options()``, are made on first
+    use and go after its arguments (building them imports torch: ``cli.py --help`` need not)."""
+
+    def __init__(self, *args: Any, make_options: Callable[[], list[click.Option]], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.make_options: Callable[[], list[click.Option]] | None = make_options
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if self.make_options is not None:
+            at = sum(isinstance(p, click.Argument) for p in self.params)
+            self.params[at:at] = self.make_options()
+            self.make_options = None
+        return super().get_params(ctx)
 
 
 def _fail_cleanly(fn):
@@ -75,7 +143,10 @@ def _fail_cleanly(fn):
 def _config_help(config_cls: type) -> str:
     lines = []
     for f in dataclasses.fields(config_cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default
+        if default is dataclasses.MISSING:
+            assert f.default_factory is not dataclasses.MISSING, f.name  # config fields all have defaults
+            default = f.default_factory()
         lines.append(f"  {f.name} = {default!r}: {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
@@ -124,52 +195,35 @@ def record(preset: str, run_dir: Path, overrides: tuple[str, ...]) -> None:
     click.echo(f"recorded {preset} into {run_dir} in {time.perf_counter() - start:.1f} s")
 
 
-@main.command()
+def _replay_options() -> list[click.Option]:
+    from replay.config import ReplayConfig
+
+    return setting_options(ReplayConfig)
+
+
+def _refuse_unread_settings(ctx: click.Context, rule_name: str) -> None:
+    """A usage error for an update setting given on the command line that the rule ``rule_name``
+    does not read (it would change nothing)."""
+    from replay.config import UpdateConfig
+    from replay.updates import RULES
+
+    rule, option = RULES[rule_name], {p.name: p.opts[0] for p in ctx.command.get_params(ctx)}
+    for f in dataclasses.fields(UpdateConfig):
+        given = ctx.get_parameter_source(f.name) != ParameterSource.DEFAULT
+        if given and f.name not in rule.settings + ("rule",):
+            reads = ", ".join(option[k] for k in rule.settings) or "none"
+            why = (
+                "it takes the recorded optimizer's own settings"
+                if rule.needs_state
+                else f"its settings: {reads}"
+            )
+            raise click.BadParameter(
+                f"the {rule.name} rule does not read it ({why})", param_hint=option[f.name]
+            )
+
+
+@main.command(cls=SettingsCommand, make_options=_replay_options)
 @click.argument("run_dir", type=click.Path(path_type=Path, readable=False))  # RunDir says what is wrong
-@click.option(
-    "--update",
-    "rule",
-    type=click.Choice(["adam-fresh", "sgd", "recorded"]),
-    default="adam-fresh",
-    show_default=True,
-    help="Virtual update rule U (SPEC §2).",
-)
-@click.option(
-    "--lr",
-    type=float,
-    default=None,
-    help="Learning rate of sgd / adam-fresh [default: 1e-4]; recorded uses the recorded one.",
-)
-@click.option("--eps", type=float, default=None, help="Adam epsilon of adam-fresh [default: 1e-8].")
-@click.option(
-    "--betas", type=(float, float), default=None, help="Adam betas of adam-fresh [default: 0.9 0.999]."
-)
-@click.option("--weight-decay", type=float, default=None, help="Weight decay of the sgd rule [default: 0].")
-@click.option("--measures", default=None, help="Comma-separated measures [default: all for the task].")
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "mixed", "difference32", "float64", "float32"]),
-    default="auto",
-    show_default=True,
-    help="Arithmetic of the replay (README, Precision); every mode but float64 checks its error "
-    "and refuses beyond --tolerance.",
-)
-@click.option(
-    "--tolerance",
-    type=float,
-    default=None,
-    help="Largest accepted estimated relative error of the measures [default: 1e-2].",
-)
-@click.option(
-    "--ratio-eps",
-    type=float,
-    default=None,
-    help="eps in S = N / (N_self + eps) [default: 1e-8]; use 0 for kl under tiny sgd steps.",
-)
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda or cuda:1.")
-@memory_budget_option
-@click.option("--name", default=None, help="Store name: RUN_DIR/NAME.zarr [default: the update rule].")
-@click.option("--include-self", is_flag=True, help="Keep self pairs i = j in the same-class aggregates.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option(
     "--skip-corrupt",
@@ -185,48 +239,19 @@ def record(preset: str, run_dir: Path, overrides: tuple[str, ...]) -> None:
 )
 @_fail_cleanly
 def replay(
-    run_dir: Path,
-    rule: str,
-    lr: float | None,
-    eps: float | None,
-    betas: tuple[float, float] | None,
-    weight_decay: float | None,
-    measures: str | None,
-    precision: str,
-    tolerance: float | None,
-    ratio_eps: float | None,
-    device: str,
-    memory_budget: int | None,
-    name: str | None,
-    include_self: bool,
-    no_progress: bool,
-    skip_corrupt: bool,
-    factories: tuple[str, ...],
+    run_dir: Path, no_progress: bool, skip_corrupt: bool, factories: tuple[str, ...], **settings: Any
 ) -> None:
     """Replay the snapshots of RUN_DIR into S_rel arrays (RUN_DIR/NAME.zarr); resumable.
 
     RUN_DIR may be a run group (several seeds of one preset): each run is replayed in turn.
     """
     from recorder.rundir.errors import ReplayError
-    from replay.config import ReplayConfig, UpdateConfig
+    from replay.config import ReplayConfig
     from replay.run import replay as run_replay
 
-    if rule == "recorded" and lr is not None:
-        raise click.BadParameter("the recorded rule uses the recorded learning rate", param_hint="--lr")
-    given = {"lr": lr, "eps": eps, "betas": betas, "weight_decay": weight_decay}
-    options: dict[str, Any] = {
-        "precision": precision,
-        "device": device,
-        "include_self": include_self,
-        "measures": tuple(m.strip() for m in measures.split(",")) if measures else None,
-        "tolerance": tolerance,
-        "ratio_eps": ratio_eps,
-        "memory_budget": memory_budget,
-        "name": name,
-    }
+    _refuse_unread_settings(click.get_current_context(), settings["rule"])
     try:
-        update = UpdateConfig(rule=rule, **{k: v for k, v in given.items() if v is not None})
-        config = ReplayConfig(update=update, **{k: v for k, v in options.items() if v is not None})
+        config = config_from(ReplayConfig, settings)
     except ReplayError as e:
         raise click.UsageError(str(e)) from None
     from recorder.models import load_external_factory
@@ -296,7 +321,25 @@ def demo(out_dir: Path) -> None:
     )
 
 
-@main.command()
+def _bench_options() -> list[click.Option]:
+    from replay.config import ReplayConfig, UpdateConfig
+    from replay.updates import RULES
+
+    update, resources = ({f.name: f for f in dataclasses.fields(c)} for c in (UpdateConfig, ReplayConfig))
+    return [
+        setting_option(
+            update["rule"],
+            str,
+            choices=[name for name, rule in RULES.items() if not rule.needs_state],
+            help="Virtual update rule, one that needs no recorded optimizer state (`cli.py replay "
+            "--help` says what each does).",
+        ),
+        setting_option(update["lr"], float),
+        setting_option(resources["memory_budget"], int | None),
+    ]
+
+
+@main.command(cls=SettingsCommand, make_options=_bench_options)
 @click.option(
     "--case",
     "cases",
@@ -307,22 +350,12 @@ def demo(out_dir: Path) -> None:
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
 @click.option("--probes", type=int, default=None, help="P for every case [default: each case's own].")
 @click.option(
-    "--update",
-    "rule",
-    type=click.Choice(["adam-fresh", "sgd"]),
-    default="adam-fresh",
-    show_default=True,
-    help="Virtual update rule.",
-)
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Learning rate of the update.")
-@click.option(
     "--repeats",
     type=int,
     default=3,
     show_default=True,
     help="Timed rounds (each runs every candidate, the loop and the floor once).",
 )
-@memory_budget_option
 @click.option("--no-overhead", is_flag=True, help="Skip the recorder-overhead measurement.")
 @click.option("--grow", is_flag=True, help="Also time the digits MLP against P and the number of snapshots.")
 @click.option(
@@ -358,10 +391,21 @@ def bench(
         lr=lr,
         repeats=repeats,
         memory_budget=memory_budget,
-        overhead=not no_overhead,
         grow=grow,
         echo=click.echo,
     )
+    if not no_overhead:
+        import torch
+
+        from recorder.bench import recorder_overhead
+
+        report["recorder"] = r = recorder_overhead(torch.device(device))
+        click.echo(
+            f"recorder overhead ({r['model']}, snapshot every {r['snapshot_every']} steps): "
+            f"{r['step_seconds'] * 1e3:.2f} ms -> {r['step_seconds_recorded'] * 1e3:.2f} ms a step, "
+            f"{100 * r['overhead']:+.1f}% (median of paired blocks; {100 * r['inside_step']:.1f}% "
+            "inside recorder.step())"
+        )
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=1))
         click.echo(f"wrote {json_path}")
@@ -385,14 +429,18 @@ def bench(
 )
 @_fail_cleanly
 def theory(family: str, run_dir: Path | None, out: Path) -> None:
-    """Closed-form S_rel of a theory FAMILY along gradient flow (SPEC §6)."""
+    """Closed-form S_rel of a theory FAMILY along gradient flow (the README's section Theory)."""
+    from dataclasses import asdict
+
     from analyses.theory import FAMILIES, plot_family
+    from recorder.presets import PRESETS
 
     if family not in FAMILIES:
         raise click.BadParameter(
             f"unknown family {family!r}; choose from {', '.join(FAMILIES)}", param_hint="FAMILY"
         )
-    for path in plot_family(family, out, run_dir=run_dir):
+    settings = {p: asdict(PRESETS[p].config_cls()) for p in FAMILIES[family].presets}
+    for path in plot_family(family, out, run_dir=run_dir, settings=settings):
         click.echo(f"wrote {path}")
 
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analyses.classpairs import STATS, aggregate, separation_auc
+from analyses.classpairs import separation_auc
 from analyses.results import ReplayResult
+from replay.classpairs import STATS, aggregate
 
 QUANTILES = (25, 50, 75)
 
@@ -46,9 +47,14 @@ class MeasureCurves:
     classpairs: dict[str, np.ndarray] | None
     include_self: bool
 
+    def classpair(self, stat: str = "mean") -> np.ndarray:
+        """``[S, K, K]`` ``classpairs[stat]``; classification only."""
+        assert self.classpairs is not None  # class pairs exist for classification runs only
+        return self.classpairs[stat]
+
     def same_cross(self, stat: str = "mean") -> np.ndarray:
         """``[S, K]`` same/cross ratio of each updated class at every snapshot."""
-        return same_cross_ratio(self.classpairs[stat])
+        return same_cross_ratio(self.classpair(stat))
 
     def ratio_table(self, stat: str = "mean") -> np.ndarray:
         """``[K]`` time-averaged same/cross ratio per updated class (the SPEC §5 table)."""
@@ -62,14 +68,17 @@ def measure_curves(result: ReplayResult, measure: str, include_self: bool = Fals
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN snapshots stay NaN
         quantiles = np.nanpercentile(S[:, off], QUANTILES, axis=-1).T  # [S, 3]
-    auc = classpairs = None
-    if result.is_classification:
-        auc = separation_auc(S, result.labels)
+    auc: np.ndarray | None = None
+    classpairs: dict[str, np.ndarray] | None = None
+    labels = result.labels
+    if labels is not None:  # result.is_classification
+        auc = separation_auc(S, labels)
         if include_self == result.include_self:
             classpairs = {stat: result.classpairs[measure][stat].read() for stat in STATS}
         else:
+            assert result.classes is not None  # classification stores have classes
             K = len(result.classes)
-            classpairs = {stat: aggregate(S, result.labels, K, include_self, stat) for stat in STATS}
+            classpairs = {stat: aggregate(S, labels, K, include_self, stat) for stat in STATS}
     return MeasureCurves(
         store=result.name,
         measure=measure,

@@ -1,4 +1,4 @@
-"""The runs of a run group (:mod:`recorder.rungroup`) side by side: one measure of one replay
+"""The runs of a run group (:mod:`recorder.rundir.group`) side by side: one measure of one replay
 store, taken from every run that holds it, on the snapshot steps that every such run has done.
 
 A single run directory is a group of one. Shapes: ``R`` runs, ``S`` common snapshots, ``K``
@@ -19,6 +19,7 @@ from analyses.curves import MeasureCurves, measure_curves, nan_mean
 from analyses.results import ReplayResult, load_results
 from recorder.rundir.group import is_group, read_group
 from recorder.rundir.run import RunDir
+from replay.store import store_paths
 
 
 @dataclass
@@ -41,7 +42,7 @@ def band(x: np.ndarray) -> Band:
 def member_results(path: str | Path) -> dict[str, list[ReplayResult]]:
     """Run name -> its replay stores, for every member of the group ``path`` holding at least one
     (a plain run directory: itself, named after its folder). Raises
-    :class:`~recorder.runfiles.RunDirError` for a path that is neither a run directory nor a
+    :class:`~recorder.rundir.errors.RunDirError` for a path that is neither a run directory nor a
     group, :class:`~analyses.results.ResultsError` when no member has a store."""
     path = Path(path)
     if not is_group(path):
@@ -49,7 +50,7 @@ def member_results(path: str | Path) -> dict[str, list[ReplayResult]]:
         return {path.name: load_results(path)}
     found = {}
     for member in read_group(path).members:
-        if any(member.glob("*.zarr")):
+        if store_paths(member):
             found[member.name] = load_results(member)
     if not found:
         load_results(path)  # raises the "no replay stores" error, naming the group
@@ -77,7 +78,7 @@ class RunCurves:
         """``[R, S, ...]``: ``quantiles`` ``[R, S, 3]``, ``auc`` ``[R, S]``, ``classpairs``
         ``[R, S, K, K]``, ``same_cross`` ``[R, S, K]`` (of ``stat``) or ``ratio_table`` ``[R, K]``."""
         if name == "classpairs":
-            return np.stack([c.classpairs[stat] for c in self.curves])
+            return np.stack([c.classpair(stat) for c in self.curves])
         if name in ("same_cross", "ratio_table"):
             return np.stack([getattr(c, name)(stat) for c in self.curves])
         return np.stack([getattr(c, name) for c in self.curves])

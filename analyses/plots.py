@@ -12,9 +12,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import matplotlib as mpl
 import numpy as np
+import numpy.typing as npt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -23,7 +25,10 @@ from analyses.curves import MeasureCurves
 from analyses.phases import Phases
 from analyses.training import Series
 
-STYLE = {
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType  # stubs only: not imported at run time
+
+STYLE: dict[RcKeyType, Any] = {
     "font.size": 9,
     "axes.titlesize": 10,
     "axes.labelsize": 9,
@@ -66,7 +71,7 @@ def _figure(
         fig.savefig(path)
 
 
-def _scale_y(ax: Axes, values: np.ndarray) -> None:
+def _scale_y(ax: Axes, values: npt.ArrayLike) -> None:
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
     if len(v) and v.min() > 0 and v.max() / v.min() > 100:
@@ -86,11 +91,11 @@ def plot_class_pairs(
     With ``std`` ``[S, K, K]`` (the spread over runs; ``curves`` then holds their mean), each
     curve gets a band of one standard deviation.
     """
-    A = curves.classpairs[stat]  # [S, K, K]
+    A = curves.classpair(stat)  # [S, K, K]
     K = A.shape[-1]
     cmap = mpl.colormaps["tab10" if K <= 10 else "tab20"]
     colors = [cmap(a % cmap.N) for a in range(K)]
-    same_style = {"color": "black", "linewidth": 2.4}
+    same_style: dict[str, Any] = {"color": "black", "linewidth": 2.4}
     selfs = "self pairs included" if curves.include_self else "self pairs excluded"
     runs = "" if std is None else ", mean ± sd over runs"
     title = f"{curves.store}: class-pair S_rel, {curves.measure} ({stat} over pairs, {selfs}{runs})"
@@ -162,6 +167,7 @@ def plot_phases(
                 ax.fill_between(steps, y - std, y + std, alpha=0.2, linewidth=0, label="± sd over runs")
             ax.plot(steps, y, marker=".", label="median S_rel over pairs")
             if phases.found:
+                assert phases.step is not None  # a transition has a step
                 before, after = phases.rates
                 ax.plot(steps, phases.fit, color="black", linestyle="--", label="two-phase fit")
                 ax.axvline(

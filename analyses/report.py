@@ -1,4 +1,4 @@
-"""``analyze``: every replay store of a run directory or a run group (:mod:`recorder.rungroup`)
+"""``analyze``: every replay store of a run directory or a run group (:mod:`recorder.rundir.group`)
 into figures, a JSON summary and a report.
 
 A run directory is analyzed as a group of one run. For a group, each store name is taken from
@@ -248,9 +248,13 @@ def _analyze_store(
             return None
         auc = phases = None
         if first.is_classification:
+            labels: list[np.ndarray] = []
+            for r in by_run.values():
+                assert r.labels is not None  # the runs of a store share its task
+                labels.append(r.labels)
             auc = auc_with_ci(
                 [r.measures[m].read()[positions[run]] for run, r in by_run.items()],
-                [r.labels for r in by_run.values()],
+                labels,
                 replicates=BOOTSTRAP_REPLICATES,
                 level=CI_LEVEL,
             )
@@ -313,6 +317,7 @@ def _measure_summary(a: MeasureAnalysis) -> dict[str, Any]:
         if group:
             out["separation_auc"]["std_time_average"] = _num(band(nan_mean(a.runs.stack("auc"), axis=1)).std)
         stats = a.runs.curves[0].classpairs
+        assert stats is not None  # classification, as the AUC says
         ratios = {stat: band(a.runs.stack("ratio_table", stat)) for stat in stats}  # [K] each
         out["same_cross_ratio"] = {stat: _nums(b.mean) for stat, b in ratios.items()}
         if group:
@@ -378,6 +383,7 @@ def _store_figures(
     over = f" (mean over {runs} runs)" if runs > 1 else ""
     figures = []
     if result.is_classification:
+        assert result.classes is not None  # classification stores have classes
         names = [str(c) for c in result.classes]
         if len(extra.get("class_names") or []) == len(names):
             names = [f"{c} ({n})" for c, n in zip(names, extra["class_names"], strict=True)]
@@ -403,11 +409,11 @@ def _store_figures(
         figures.append(
             {"file": file, "caption": f"{store}: S_rel trajectory, median and quartiles over pairs{over}"}
         )
-        panels = [
-            (m, *_median_band(a.runs), a.phases["mean"])
-            for m, a in analysis.items()
-            if len(a.runs.steps) >= 2 * MIN_SIZE
-        ]
+        panels: list[tuple[str, np.ndarray, np.ndarray, Phases]] = []
+        for m, a in analysis.items():
+            if len(a.runs.steps) >= 2 * MIN_SIZE:
+                assert a.phases is not None  # regression measures have phases
+                panels.append((m, *_median_band(a.runs), a.phases["mean"]))
         if panels:
             file = f"{stem}_phases.png"
             steps = next(iter(analysis.values())).runs.steps
@@ -435,6 +441,7 @@ def _measure_panels(analysis: dict[str, MeasureAnalysis]) -> list[BandPanel]:
     ratio = BandPanel("same/cross ratio, class mean", "A[b, b] / mean A[a != b, b]", {}, reference=1.0)
     for m, a in analysis.items():
         steps = a.runs.steps
+        assert a.auc is not None  # classification measures have the AUC
         auc.lines[m] = (steps, a.auc.point, a.auc.low, a.auc.high)
         b = band(nan_mean(a.runs.stack("same_cross"), axis=2))  # [R, S] class means -> [S]
         ratio.lines[m] = (steps, b.mean, b.mean - b.std, b.mean + b.std)
@@ -464,6 +471,7 @@ def _comparison(
             if m not in common:
                 continue
             if c.classpairs is not None:
+                assert c.auc is not None  # classification, as the class pairs say
                 rows[0].data[m][name] = (c.steps, c.auc)
                 rows[1].data[m][name] = (c.steps, nan_mean(c.same_cross("mean"), axis=1))
             else:

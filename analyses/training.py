@@ -1,4 +1,4 @@
-"""Training curves from a run's ``metrics.jsonl`` (:meth:`recorder.runfiles.RunDir.metrics`).
+"""Training curves from a run's ``metrics.jsonl`` (:meth:`recorder.rundir.run.RunDir.metrics`).
 
 The recorder writes one JSON object a line: ``{"kind": "step", "step", "epoch", <metric>: ..}``
 from ``rec.step(loss=..)`` and ``{"kind": "epoch", "step", "epoch", <metric>: ..}`` from

@@ -22,11 +22,13 @@ from typing import Any
 
 import torch
 
+from recorder.datasets import digits
 from recorder.losses import batch_loss
 from recorder.models import build_model
 from recorder.recorder import Recorder
 from recorder.rundir.spec import ModelSpec
 from recorder.schedule import Schedule
+from recorder.training import torch_threads
 
 SNAPSHOT_EVERY = 9
 
@@ -40,9 +42,7 @@ def _data(device: torch.device) -> tuple[ModelSpec, torch.Tensor, torch.Tensor, 
             -1, 1, 1, 1
         )
         return ModelSpec("resnet18_nonorm", {"num_outputs": 3}), images, labels, 256
-    from recorder.presets.digits import DigitsConfig, load_data
-
-    x, y, _, _ = load_data(DigitsConfig())
+    x, y, _, _ = digits()
     return ModelSpec("mlp", {"in_features": 64, "num_outputs": 10, "hidden": [128]}), x, y, 32
 
 
@@ -78,29 +78,23 @@ def recorder_overhead(device: torch.device, steps: int = 90, rounds: int = 30) -
         sync()
         return time.perf_counter() - start, inside
 
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
     plain, recorded, ratios, inside = [], [], [], []
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            probes = (x[:30].cpu(), y[:30].cpu())
-            schedule = Schedule.every(SNAPSHOT_EVERY)
-            with Recorder(
-                tmp + "/run", model, optimizer, probes, spec, "classification", "cross_entropy", schedule
-            ) as rec:
-                block(None), block(rec)  # warm-up
-                for _ in range(rounds):
-                    pair = {}
-                    for with_recorder in order.sample([False, True], 2):
-                        time.sleep(0.05)  # the writer process finishes the previous block
-                        pair[with_recorder] = block(rec if with_recorder else None)
-                    plain.append(pair[False][0])
-                    recorded.append(pair[True][0])
-                    inside.append(pair[True][1] / pair[False][0])
-                    ratios.append(pair[True][0] / pair[False][0])
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1 if device.type == "cpu" else None), tempfile.TemporaryDirectory() as tmp:
+        probes = (x[:30].cpu(), y[:30].cpu())
+        schedule = Schedule.every(SNAPSHOT_EVERY)
+        with Recorder(
+            tmp + "/run", model, optimizer, probes, spec, "classification", "cross_entropy", schedule
+        ) as rec:
+            block(None), block(rec)  # warm-up
+            for _ in range(rounds):
+                pair = {}
+                for with_recorder in order.sample([False, True], 2):
+                    time.sleep(0.05)  # the writer process finishes the previous block
+                    pair[with_recorder] = block(rec if with_recorder else None)
+                plain.append(pair[False][0])
+                recorded.append(pair[True][0])
+                inside.append(pair[True][1] / pair[False][0])
+                ratios.append(pair[True][0] / pair[False][0])
     return {
         "model": spec.factory,
         "device": str(device),

@@ -59,6 +59,39 @@ def build_model(spec: ModelSpec) -> nn.Module:
         ) from None
 
 
+def rebuild_model(spec: ModelSpec) -> nn.Module:
+    """The model ``spec`` names, in eval mode, built with the global random generator forked, so
+    that building it (to check a recording or replay it) leaves the caller's random stream as it
+    was. Whatever the factory raises becomes a :class:`RunDirError` naming it."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            return build_model(spec).eval()
+        except RunDirError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the factory ran on the spec's kwargs
+            raise RunDirError(
+                f"model {spec.factory!r} cannot be built from {spec.kwargs} ({type(e).__name__}: {e})"
+            ) from None
+
+
+def probe_outputs(model: nn.Module, inputs: torch.Tensor, name: str) -> torch.Tensor:
+    """The outputs ``[1, ...]`` of ``model`` (named ``name`` in messages) on the first probe
+    ``inputs[:1]``, floating inputs cast to the model's dtype, without gradients. Raises
+    ValueError when the model cannot take the probe inputs ``[P, ...]``."""
+    weight = next(iter(model.parameters()), None)
+    x = inputs[:1].detach().cpu()
+    if x.is_floating_point() and weight is not None:
+        x = x.to(weight.dtype)
+    try:
+        with torch.no_grad():
+            return model(x)
+    except Exception as e:  # noqa: BLE001 - whatever the model raises on inputs it cannot take
+        raise ValueError(
+            f"probe inputs of shape {tuple(inputs.shape)} and dtype {inputs.dtype} do not fit the model "
+            f"{name!r} ({type(e).__name__})"
+        ) from None
+
+
 def check_state_matches(model: nn.Module, params: dict[str, torch.Tensor], where: str) -> None:
     """Raise RunDirError unless ``params`` has exactly the model's parameter names and shapes."""
     expected = {k: tuple(v.shape) for k, v in model.named_parameters()}
@@ -131,6 +164,8 @@ class RandomFeatures(nn.Module):
     N(0, feature_scale^2 / in_features)); ``W`` [num_features, num_outputs] is the only parameter
     (entries N(0, 1 / num_features) from torch's global generator).
     """
+
+    V: torch.Tensor  # a buffer, registered in __init__
 
     def __init__(
         self,

@@ -1,8 +1,8 @@
 """The recorder: snapshots the weights and optimizer state of a training run into a run directory
-(:mod:`recorder.runfiles`) without stalling the training step.
+(:mod:`recorder.rundir`) without stalling the training step.
 
 On the training thread, :meth:`Recorder.step` only stages tensors into a free slot of shared
-memory laid out as the snapshot file's payload (:class:`recorder.runfiles.SnapshotLayout`): CPU
+memory laid out as the snapshot file's payload (:class:`recorder.rundir.snapshot.SnapshotLayout`): CPU
 tensors are copied at once; CUDA tensors with non-blocking copies on a side stream into the slot,
 page-locked for the purpose (the side stream first waits for the training stream, and the
 training stream then waits for the side stream, so the next optimizer step cannot overwrite a
@@ -18,7 +18,7 @@ import os
 import platform
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy
@@ -26,10 +26,10 @@ import safetensors
 import torch
 from torch import nn
 
-from recorder.models import build_model, check_state_matches
+from recorder.models import check_state_matches, probe_outputs, rebuild_model
 from recorder.rundir.errors import RunDirError
 from recorder.rundir.files import to_json
-from recorder.rundir.run import create_run_dir
+from recorder.rundir.run import create_run_dir, probe_problem
 from recorder.rundir.snapshot import SnapshotLayout
 from recorder.rundir.spec import LOSSES, TASKS, ModelSpec, RunSpec
 from recorder.rundir.trajectory import optimizer_metadata
@@ -61,8 +61,8 @@ class _SlotViews:
 
     payload: torch.Tensor  # uint8 [capacity], the shared memory itself
     pinned: bool  # registered with CUDA (page-locked) for asynchronous copies
-    layout: SnapshotLayout | None = None
-    views: dict[str, torch.Tensor] | None = None
+    layout: SnapshotLayout | None = None  # the layout of ``views``; None before the first
+    views: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Recorder:
@@ -104,7 +104,9 @@ class Recorder:
             raise ValueError("max_in_flight must be at least 1")
         inputs, targets = probes
         num_outputs = _check_model(model, model_spec, inputs)
-        _check_probes(task, inputs, targets, num_outputs)
+        problem = probe_problem(task, num_outputs, inputs, targets)
+        if problem:
+            raise ValueError(f"probes: {problem}")
         self._param_names = {id(p): name for name, p in model.named_parameters()}
         if optimizer is not None:
             foreign = [
@@ -230,11 +232,13 @@ class Recorder:
 
     def _snapshot(self) -> None:
         """Stage the model (and optimizer) at the current step into a free slot."""
-        tensors = {f"params.{n}": p for n, p in self.model.named_parameters()}  # copied under no_grad
+        tensors: dict[str, torch.Tensor] = {
+            f"params.{n}": p for n, p in self.model.named_parameters()
+        }  # copied under no_grad
         tensors.update({f"buffers.{n}": b for n, b in self.model.named_buffers()})
         optimizer = None
         if self.optimizer is not None:
-            optimizer = self._optimizer_metadata()
+            optimizer = self._optimizer_metadata(self.optimizer)
             for p, state in self.optimizer.state.items():
                 name = self._param_names[id(p)]
                 for key, value in state.items():
@@ -245,14 +249,15 @@ class Recorder:
                     elif isinstance(value, int):  # bool included
                         tensors[f"optim.{name}.{key}"] = torch.tensor(value)
         signature = [(name, t.dtype, t.shape) for name, t in tensors.items()]
-        if signature != self._signature:
+        if signature != self._signature or self._layout is None:
             self._layout, self._signature = SnapshotLayout.of(tensors), signature
-        if self._writer.full(self._layout.nbytes):
+        layout = self._layout
+        if self._writer.full(layout.nbytes):
             self._send_staged(wait=True)
-        slot, remapped = self._writer.acquire(self._layout.nbytes)
+        slot, remapped = self._writer.acquire(layout.nbytes)
         try:
             with torch.no_grad():
-                event = self._copy(tensors, self._views(slot, remapped, tensors))
+                event = self._copy(tensors, self._views(slot, remapped, tensors, layout))
         except BaseException:
             self._writer.release(slot)
             raise
@@ -261,7 +266,7 @@ class Recorder:
         self._staged.append(
             _Staged(
                 slot,
-                self._layout,
+                layout,
                 optimizer,
                 self.step_count,
                 self.epoch,
@@ -272,12 +277,14 @@ class Recorder:
             )
         )
         self._last_snapshot = self.step_count
-        if len(self._staged) >= max(1, self._writer.usable(self._layout.nbytes) // 2):
+        if len(self._staged) >= max(1, self._writer.usable(layout.nbytes) // 2):
             self._send_staged(wait=False)
 
-    def _views(self, slot: int, remapped: bool, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The tensors of the current layout as views of slot ``slot``'s shared memory, pinned
-        when some tensor is on a GPU."""
+    def _views(
+        self, slot: int, remapped: bool, tensors: dict[str, torch.Tensor], layout: SnapshotLayout
+    ) -> dict[str, torch.Tensor]:
+        """The tensors of ``layout`` (the current one) as views of slot ``slot``'s shared memory,
+        pinned when some tensor is on a GPU."""
         cached = self._slot_views.get(slot)
         cuda = any(t.is_cuda for t in tensors.values())
         if cached is None or remapped or (cuda and not cached.pinned):
@@ -287,8 +294,8 @@ class Recorder:
             if cuda:
                 _pin(payload)
             cached = self._slot_views[slot] = _SlotViews(payload, cuda)
-        if cached.layout is not self._layout:
-            cached.layout, cached.views = self._layout, self._layout.views(cached.payload)
+        if cached.layout is not layout:
+            cached.layout, cached.views = layout, layout.views(cached.payload)
         return cached.views
 
     def _copy(
@@ -347,9 +354,9 @@ class Recorder:
             ]
         )
 
-    def _optimizer_metadata(self) -> str:
+    def _optimizer_metadata(self, optimizer: torch.optim.Optimizer) -> str:
         """The optimizer's type and hyperparameters as JSON, re-encoded only when they change."""
-        groups = self.optimizer.param_groups
+        groups = optimizer.param_groups
         key = [
             [
                 (k, tuple(v) if k == "params" else v.tolist() if isinstance(v, torch.Tensor) else v)
@@ -359,7 +366,7 @@ class Recorder:
         ]
         if key != self._optimizer_key:
             self._optimizer_records = [self._group_record(g) for g in groups]
-            self._optimizer_json = optimizer_metadata(type(self.optimizer).__name__, self._optimizer_records)
+            self._optimizer_json = optimizer_metadata(type(optimizer).__name__, self._optimizer_records)
             self._optimizer_key = key
         return self._optimizer_json
 
@@ -384,22 +391,10 @@ def _unpin(payload: torch.Tensor) -> None:
 
 
 def _check_model(model: nn.Module, spec: ModelSpec, inputs: torch.Tensor) -> int:
-    """Check that ``model`` is what ``spec`` builds; return its number of outputs C.
-
-    The spec's model is built and run on one probe input [1, ...] on the CPU with the global RNG
-    forked, so recording does not change the training's random stream.
-    """
-    with torch.random.fork_rng(devices=[]):
-        reference = build_model(spec)
-        x = inputs[:1].detach().cpu()
-        if x.is_floating_point():
-            reference.to(x.dtype)
-        reference.eval()
-        try:
-            with torch.no_grad():
-                out = reference(x)
-        except Exception as e:
-            raise ValueError(f"the probe inputs {tuple(inputs.shape)} do not fit the model: {e}") from e
+    """Check that ``model`` is what ``spec`` builds and takes the probe ``inputs`` ``[P, ...]``;
+    return its number of outputs C (recording does not change the training's random stream)."""
+    reference = rebuild_model(spec)
+    out = probe_outputs(reference, inputs, spec.factory)
     where = f"{spec.factory}(**{spec.kwargs})"
     try:
         # The spec's tensors checked against the given model: "missing" means absent from the spec.
@@ -416,18 +411,3 @@ def _check_model(model: nn.Module, spec: ModelSpec, inputs: torch.Tensor) -> int
     if out.ndim != 2:
         raise ValueError(f"the model must map inputs [N, ...] to outputs [N, C], got {tuple(out.shape)}")
     return out.shape[1]
-
-
-def _check_probes(task: str, inputs: torch.Tensor, targets: torch.Tensor, num_outputs: int) -> None:
-    """Probe targets: [P] int64 classes in [0, C) for classification, [P, C] floats for regression."""
-    if inputs.ndim < 1 or inputs.shape[0] == 0:
-        raise ValueError("the probe set is empty")
-    if targets.shape[:1] != inputs.shape[:1]:
-        raise ValueError(f"{inputs.shape[0]} probe inputs but targets of shape {tuple(targets.shape)}")
-    if task == "classification":
-        if targets.dtype != torch.int64 or targets.ndim != 1:
-            raise ValueError("classification probe targets must be int64 classes of shape [P]")
-        if targets.min() < 0 or targets.max() >= num_outputs:
-            raise ValueError(f"probe classes must lie in [0, {num_outputs})")
-    elif not targets.is_floating_point() or tuple(targets.shape) != (inputs.shape[0], num_outputs):
-        raise ValueError(f"regression probe targets must be floats of shape [P, {num_outputs}]")

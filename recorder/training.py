@@ -1,23 +1,99 @@
-"""A generic supervised training loop with the recorder attached: one ``recorder.step()`` per
-optimizer step, per-epoch train and test loss (and accuracy for classification)."""
+"""The presets' shared recipe: a generic supervised training loop with the recorder attached (one
+``recorder.step()`` per optimizer step, per-epoch train and test loss, and accuracy for
+classification), :func:`record_supervised` that builds, records and trains a model with it, and
+:func:`torch_threads`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from recorder.losses import batch_loss, per_sample_loss
+from recorder.models import build_model
 from recorder.recorder import Recorder
+from recorder.rundir.spec import ModelSpec
+from recorder.schedule import Schedule
+
+
+class Batches(Protocol):
+    """Training batches (inputs, targets) with a length, iterable once per epoch: a DataLoader, say."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def __len__(self) -> int: ...
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with torch using ``threads`` CPU threads (None: as many as it has), then
+    restore the count it had."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def record_supervised(
+    run_dir: str | Path,
+    model_spec: ModelSpec,
+    optimizer: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer],
+    train_loader: Batches,
+    test_loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    probes: tuple[torch.Tensor, torch.Tensor],
+    schedule: Schedule,
+    *,
+    task: str,
+    loss: str,
+    epochs: int,
+    seed: int,
+    preset: str,
+    extra: dict[str, Any],
+    device: str = "cpu",
+    threads: int | None = None,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Record one supervised run into ``run_dir``: seed torch with ``seed``, build ``model_spec`` on
+    ``device`` and its ``optimizer`` (called with the model's parameters), and :func:`train` it for
+    ``epochs`` epochs on ``loss`` with the recorder attached, on ``threads`` CPU threads
+    (:func:`torch_threads`). ``probes``: inputs ``[P, ...]`` and targets ``[P]`` classes or
+    ``[P, C]``; ``task``, ``seed``, ``preset`` and ``extra`` go into ``spec.json``. Returns
+    :func:`train`'s rows."""
+    torch.manual_seed(seed)
+    model = build_model(model_spec).to(device)
+    opt = optimizer(model.parameters())
+    with (
+        Recorder(
+            run_dir,
+            model,
+            opt,
+            probes=probes,
+            model_spec=model_spec,
+            task=task,
+            loss=loss,
+            schedule=schedule,
+            seed=seed,
+            preset=preset,
+            extra=extra,
+        ) as recorder,
+        torch_threads(threads),
+    ):
+        return train(model, opt, loss, train_loader, test_loader, epochs, recorder, device, progress=progress)
 
 
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     loss_name: str,
-    train_loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    train_loader: Batches,
     test_loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     epochs: int,
     recorder: Recorder | None,

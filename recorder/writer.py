@@ -8,7 +8,7 @@ one JSON line on the child's stdin (the slot, the payload's size, the step, the 
 layout's header entries and of the optimizer's metadata, with their texts the first time, the
 manifest fields and the metrics rows logged since the last line); the child (:func:`serve`,
 ``python -m recorder.writer``) writes the file and its manifest entry with
-:mod:`recorder.trajectory` and answers one JSON line on its stdout, which frees the slot.
+:mod:`recorder.rundir.trajectory` and answers one JSON line on its stdout, which frees the slot.
 
 The child imports only the standard library, so it starts in milliseconds, and it has its own
 interpreter lock: the training thread never waits for it (a writer thread in the training process
@@ -33,7 +33,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from recorder.rundir.errors import WriterError
 from recorder.rundir.trajectory import TrajectoryWriter, safetensors_header, snapshot_metadata
@@ -95,7 +95,10 @@ class WriterProcess:
             pass_fds=fds,
             env=env,
         )
-        os.set_blocking(self.process.stdout.fileno(), False)
+        assert self.process.stdin is not None and self.process.stdout is not None  # both PIPE
+        self._stdin: IO[bytes] = self.process.stdin
+        self._stdout: IO[bytes] = self.process.stdout
+        os.set_blocking(self._stdout.fileno(), False)
 
     @property
     def in_flight(self) -> int:
@@ -131,8 +134,8 @@ class WriterProcess:
         """Have the child write each snapshot, in one message each, with one write for all.
 
         A snapshot: ``slot`` and ``nbytes`` (the slot's first bytes are its tensors), ``step``,
-        ``tensors_json`` (see :func:`recorder.trajectory.safetensors_header`), ``optimizer`` (see
-        :func:`recorder.trajectory.snapshot_metadata`) and the manifest's ``epoch``, ``lr`` and
+        ``tensors_json`` (see :func:`recorder.rundir.trajectory.safetensors_header`), ``optimizer`` (see
+        :func:`recorder.rundir.trajectory.snapshot_metadata`) and the manifest's ``epoch``, ``lr`` and
         ``metrics``. Both texts go to the child once each, then by number.
         """
         messages = []
@@ -179,7 +182,7 @@ class WriterProcess:
             pass
         finally:
             try:
-                self.process.stdin.close()
+                self._stdin.close()
             except OSError:
                 pass
             while self._read_answers(wait=True):
@@ -198,7 +201,7 @@ class WriterProcess:
         data = memoryview(b"".join(json.dumps(m).encode() + b"\n" for m in messages))
         try:
             while data:
-                data = data[os.write(self.process.stdin.fileno(), data) :]
+                data = data[os.write(self._stdin.fileno(), data) :]
         except (BrokenPipeError, ValueError):
             self._read_answers(wait=False)
             self._raise_error()
@@ -211,7 +214,7 @@ class WriterProcess:
     def _read_answers(self, wait: bool) -> bool:
         """Read what the child has answered (``wait``: block until something or its exit);
         False once its stdout is closed."""
-        fd = self.process.stdout.fileno()
+        fd = self._stdout.fileno()
         if wait:
             select.select([fd], [], [])
         try:

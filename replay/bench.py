@@ -17,13 +17,14 @@ candidate, the loop and the floor once in turn, so drift falls on all alike), th
 engine and engine / floor, the peak memory, and the precision reached: the relative Frobenius
 error of the ``orig`` and ``kl`` matrices against the float64 engine (the bar: 1e-3). It checks
 that the strategy the engine chose is the fastest of the strategies it times (for the arithmetic
-the engine ended with), and reports the recorder's overhead on training steps (measured by
-:mod:`recorder.bench`) and how the cost grows with ``P`` and with the number of snapshots.
+the engine ended with), and how the cost grows with ``P`` and with the number of snapshots.
+(``cli.py bench`` adds the recorder's overhead on training steps, from :mod:`recorder.bench`.)
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import math
 import os
@@ -31,7 +32,7 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -39,15 +40,17 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from recorder.bench import recorder_overhead
+from recorder.datasets import digits, stratified_sample
 from recorder.losses import batch_loss
 from recorder.models import build_model
 from recorder.rundir.snapshot import Snapshot
 from recorder.rundir.spec import ModelSpec, RunSpec
 from replay.config import ReplayConfig, UpdateConfig
-from replay.engine import Engine, no_tf32
+from replay.engine import Engine, SnapshotResult
 from replay.plan import ARITHMETIC, STRATEGIES, activations_per_sample
+from replay.precision import no_tf32
 from replay.reference import plain_changes, plain_measures
+from replay.updates import RULES
 
 PRECISION_BAR = 1e-3
 COMPARED = ("orig_logits_l2", "orig_probs_l2", "kl")  # the measures whose error is reported
@@ -78,10 +81,9 @@ class Case:
 def _digits(per_class: int, image: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The digits preset's training data and ``per_class`` probes of each class (images ``[N, 1, 8, 8]``
     when ``image``, else ``[N, 64]``)."""
-    from recorder.presets.digits import DigitsConfig, load_data, probe_set
-
-    x, y, _, _ = load_data(DigitsConfig())
-    px, py = probe_set(x, y, per_class, seed=0)
+    x, y, _, _ = digits()
+    index = stratified_sample(y.numpy(), per_class, seed=0)
+    px, py = x[index], y[index]
     if image:
         x, px = x.view(-1, 1, 8, 8), px.view(-1, 1, 8, 8)
     return x, y, px, py
@@ -212,14 +214,16 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[fl
 
 
 def timed_together(
-    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int
+    fns: Mapping[str, Callable[[], Any]], device: torch.device, repeats: int
 ) -> dict[str, tuple[float, int, Any]]:
     """:func:`timed` for several functions at once: one warm-up call each (its peak memory
     measured), then ``repeats`` rounds that call every function once, in a new random order each
     round, so that the drift of a shared machine, and what a call pays after another (the loop
     leaves the allocator's heap fragmented, say), falls on all alike. Per name: the
     median seconds, the warm-up's peak memory (bytes) and the last result."""
-    peaks, results, times = {}, {}, {name: [] for name in fns}
+    peaks: dict[str, int] = {}
+    results: dict[str, Any] = {}
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for name, fn in fns.items():
         with PeakMemory(device) as memory:
             results[name] = fn()
@@ -249,13 +253,6 @@ def relative_error(measures: dict[str, Tensor], reference: dict[str, Tensor]) ->
     return max(errors)
 
 
-def _optimizer(update: UpdateConfig) -> Callable[[nn.Module], torch.optim.Optimizer]:
-    """The real optimizer whose single step is the update rule ``update`` (sgd or adam-fresh)."""
-    if update.rule == "sgd":
-        return lambda m: torch.optim.SGD(m.parameters(), lr=update.lr, weight_decay=update.weight_decay)
-    return lambda m: torch.optim.Adam(m.parameters(), lr=update.lr, betas=update.betas, eps=update.eps)
-
-
 def case_model(case: Case, device: torch.device) -> nn.Module:
     """The model of ``case`` on ``device``, built once outside the timings (as the engine's is):
     the loop and the floor load the snapshot's weights into it each time."""
@@ -269,7 +266,8 @@ def loop_measures(
     snapshot's weights loaded into it) and its measures."""
     model.load_state_dict(case.snapshot.params | case.snapshot.buffers)
     x, y = case.inputs.to(device), case.targets.to(device)
-    return plain_measures(*plain_changes(model, _optimizer(update), case.spec.loss, x, y))
+    optimizer = RULES[update.rule].reference(update, case.snapshot.optimizer)
+    return plain_measures(*plain_changes(model, optimizer, case.spec.loss, x, y))
 
 
 def floor(case: Case, model: nn.Module, device: torch.device, budget: int) -> Tensor:
@@ -291,11 +289,11 @@ def floor(case: Case, model: nn.Module, device: torch.device, budget: int) -> Te
 # ----------------------------------------------------------------------------- the benchmark
 
 
-def bench_case(
-    case: Case, update: UpdateConfig, device: torch.device, repeats: int, memory_budget: int | None
-) -> dict[str, Any]:
-    """Time loop, floor, the engine's own plan and every other arithmetic and strategy on ``case``;
-    see the module docstring."""
+def _engines(
+    case: Case, update: UpdateConfig, device: torch.device, memory_budget: int | None
+) -> dict[str, Engine]:
+    """An engine on ``case`` per candidate: ``auto`` (its own plan) and every arithmetic and
+    strategy, all computing :data:`FINITE`."""
     base = ReplayConfig(
         update, measures=FINITE, device=str(device), memory_budget=memory_budget, tolerance=math.inf
     )
@@ -304,25 +302,47 @@ def bench_case(
         for arithmetic in ARITHMETIC
         for strategy in STRATEGIES
     }
-    engines = {key: Engine(case.spec, case.inputs, case.targets, config) for key, config in configs.items()}
-    budget = memory_budget or engines["auto"].budget
+    return {key: Engine(case.spec, case.inputs, case.targets, config) for key, config in configs.items()}
 
-    def untf32(fn: Callable[[], Any]) -> Callable[[], Any]:
-        """``fn`` with TF32 off, like the engine: full float32 convolutions and matmuls on a GPU."""
 
-        def run() -> Any:
-            with no_tf32(device):
-                return fn()
+def _untf32(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """``fn`` with TF32 off, like the engine: full float32 convolutions and matmuls on a GPU."""
 
-        return run
+    def run() -> Any:
+        with no_tf32(device):
+            return fn()
 
-    fns = {key: (lambda e=engine: e.replay_snapshot(case.snapshot)) for key, engine in engines.items()}
+    return run
+
+
+def _replayer(engine: Engine, snapshot: Snapshot) -> Callable[[], SnapshotResult]:
+    """A call of ``engine`` on ``snapshot``."""
+    return lambda: engine.replay_snapshot(snapshot)
+
+
+def _time_case(
+    case: Case,
+    engines: Mapping[str, Engine],
+    update: UpdateConfig,
+    device: torch.device,
+    repeats: int,
+    budget: int,
+) -> dict[str, tuple[float, int, Any]]:
+    """:func:`timed_together` of every engine, the loop and the floor on ``case``."""
+    fns = {key: _replayer(engine, case.snapshot) for key, engine in engines.items()}
     model = case_model(case, device)
-    fns["loop"] = untf32(lambda: loop_measures(case, model, update, device))
-    fns["floor"] = untf32(lambda: floor(case, model, device, budget))
-    timings = timed_together(fns, device, repeats)
-    (loop_seconds, loop_memory, loop), (floor_seconds, floor_memory, _) = timings["loop"], timings["floor"]
-    candidates, results = {}, {}
+    fns["loop"] = _untf32(lambda: loop_measures(case, model, update, device), device)
+    fns["floor"] = _untf32(lambda: floor(case, model, device, budget), device)
+    return timed_together(fns, device, repeats)
+
+
+def _candidates(
+    engines: Mapping[str, Engine], timings: Mapping[str, tuple[float, int, Any]]
+) -> tuple[dict[str, dict[str, Any]], dict[str, Tensor]]:
+    """Per engine its seconds, peak memory, plan, rows per chunk, estimated and actual error;
+    and the reference measures (the float64 engine's) the errors are taken against."""
+    candidates: dict[str, dict[str, Any]] = {}
+    results: dict[str, SnapshotResult] = {}
     for key, engine in engines.items():
         seconds, memory, results[key] = timings[key]
         candidates[key] = {
@@ -335,28 +355,41 @@ def bench_case(
     reference = results["float64/vmap"].measures
     for key, result in results.items():
         candidates[key]["error"] = relative_error(result.measures, reference)
-    engine = candidates["auto"]
-    arithmetic, strategy = engine["plan"].split("/")
+    return candidates, reference
+
+
+def bench_case(
+    case: Case, update: UpdateConfig, device: torch.device, repeats: int, memory_budget: int | None
+) -> dict[str, Any]:
+    """Time loop, floor, the engine's own plan and every other arithmetic and strategy on ``case``;
+    see the module docstring."""
+    engines = _engines(case, update, device, memory_budget)
+    budget = memory_budget or engines["auto"].budget
+    timings = _time_case(case, engines, update, device, repeats, budget)
+    (loop_seconds, loop_memory, loop), (floor_seconds, floor_memory, _) = timings["loop"], timings["floor"]
+    candidates, reference = _candidates(engines, timings)
+    chosen = candidates["auto"]
+    arithmetic, strategy = chosen["plan"].split("/")
     by_strategy = {s: candidates[f"{arithmetic}/{s}"]["seconds"] for s in STRATEGIES}
-    fastest = min(by_strategy, key=by_strategy.get)
+    fastest = min(by_strategy, key=by_strategy.__getitem__)
     return {
         "case": case.name,
         "probes": len(case.inputs),
         "params": sum(v.numel() for v in case.snapshot.params.values()),
-        "chosen": engine["plan"],
+        "chosen": chosen["plan"],
         "candidates": candidates,
-        "engine_seconds": engine["seconds"],
-        "engine_peak_bytes": engine["peak_bytes"],
-        "engine_error": engine["error"],
+        "engine_seconds": chosen["seconds"],
+        "engine_peak_bytes": chosen["peak_bytes"],
+        "engine_error": chosen["error"],
         "loop_seconds": loop_seconds,
         "loop_peak_bytes": loop_memory,
         "loop_error": relative_error(loop, reference),
         "floor_seconds": floor_seconds,
         "floor_peak_bytes": floor_memory,
-        "speedup": loop_seconds / engine["seconds"],
-        "over_floor": engine["seconds"] / floor_seconds,
-        "over_float32": engine["seconds"] / candidates[f"float32/{strategy}"]["seconds"],
-        "meets_bar": engine["error"] <= PRECISION_BAR,
+        "speedup": loop_seconds / chosen["seconds"],
+        "over_floor": chosen["seconds"] / floor_seconds,
+        "over_float32": chosen["seconds"] / candidates[f"float32/{strategy}"]["seconds"],
+        "meets_bar": chosen["error"] <= PRECISION_BAR,
         "fastest_strategy": fastest,
         # the chosen strategy counts as the fastest within 10%, the noise of a shared machine
         "chosen_is_fastest": by_strategy[strategy] <= 1.1 * by_strategy[fastest],
@@ -376,14 +409,14 @@ def scaling(
             update, FINITE, precision="auto", device=str(device), memory_budget=memory_budget
         )
         engine, model = Engine(case.spec, case.inputs, case.targets, config), case_model(case, device)
-        seconds, _, _ = timed(lambda e=engine, c=case: e.replay_snapshot(c.snapshot), device, repeats)
+        seconds, _, _ = timed(_replayer(engine, case.snapshot), device, repeats)
         loop_seconds = (
-            timed(lambda c=case, m=model: loop_measures(c, m, update, device), device, 1)[0]
+            timed(functools.partial(loop_measures, case, model, update, device), device, 1)[0]
             if num_probes <= 400
             else math.nan
         )
         floor_seconds, _, _ = timed(
-            lambda c=case, m=model, b=engine.budget: floor(c, m, device, b), device, repeats
+            functools.partial(floor, case, model, device, engine.budget), device, repeats
         )
         rows.append({"probes": num_probes, "engine": seconds, "loop": loop_seconds, "floor": floor_seconds})
     case = make_case("digits", 100)
@@ -400,6 +433,23 @@ def scaling(
     return {"by_probes": rows, "by_snapshots": totals}
 
 
+def _echo_case(row: dict[str, Any], echo: Callable[[str], None]) -> None:
+    """Print one case of :func:`bench_case`: its table row, then a line per candidate."""
+    mark = "yes" if row["chosen_is_fastest"] else "NO"
+    echo(
+        f"{row['case']:<13}{row['probes']:>5} {row['chosen']:<19}{row['engine_seconds']:>9.3f}"
+        f"{row['loop_seconds']:>9.3f}{row['floor_seconds']:>9.3f}{row['speedup']:>9.1f}"
+        f"{row['over_floor']:>10.1f}{row['over_float32']:>8.2f}"
+        f"{row['engine_error']:>9.1e}{row['loop_error']:>9.1e}{row['engine_peak_bytes'] / 2**20:>9.0f}"
+        f"  {row['fastest_strategy']} ({mark})"
+    )
+    for key, c in row["candidates"].items():
+        echo(
+            f"    {key:<19}{c['seconds']:>9.3f} s  error {c['error']:.1e} (estimated {c['error_estimate']:.1e})"
+            f"  peak {c['peak_bytes'] / 2**20:.0f} MiB  {c['rows_per_chunk']} rows a chunk"
+        )
+
+
 def run_benchmark(
     cases: Sequence[str] | None = None,
     device: str = "cpu",
@@ -408,7 +458,6 @@ def run_benchmark(
     lr: float = 1e-4,
     repeats: int = 3,
     memory_budget: int | None = None,
-    overhead: bool = True,
     grow: bool = False,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -416,8 +465,7 @@ def run_benchmark(
 
     ``cases``: names of :func:`make_case` (default: every case of :data:`DEFAULT_PROBES` for the
     device); ``probes``: one ``P`` for all cases (default: the case's own); ``rule`` / ``lr``: the
-    update rule (``adam-fresh`` or ``sgd``); ``overhead``: measure the recorder's overhead;
-    ``grow``: the scaling tables (cost against ``P`` and against the number of snapshots).
+    update rule (one that needs no recorded optimizer state); ``grow``: the scaling tables (cost against ``P`` and against the number of snapshots).
     """
     target = torch.device(device)
     update = UpdateConfig(rule, lr=lr)
@@ -449,28 +497,7 @@ def run_benchmark(
             make_case(name, probes or defaults.get(name, 100)), update, target, repeats, memory_budget
         )
         report["cases"].append(row)
-        mark = "yes" if row["chosen_is_fastest"] else "NO"
-        echo(
-            f"{row['case']:<13}{row['probes']:>5} {row['chosen']:<19}{row['engine_seconds']:>9.3f}"
-            f"{row['loop_seconds']:>9.3f}{row['floor_seconds']:>9.3f}{row['speedup']:>9.1f}"
-            f"{row['over_floor']:>10.1f}{row['over_float32']:>8.2f}"
-            f"{row['engine_error']:>9.1e}{row['loop_error']:>9.1e}{row['engine_peak_bytes'] / 2**20:>9.0f}"
-            f"  {row['fastest_strategy']} ({mark})"
-        )
-        for key, c in row["candidates"].items():
-            echo(
-                f"    {key:<19}{c['seconds']:>9.3f} s  error {c['error']:.1e} (estimated {c['error_estimate']:.1e})"
-                f"  peak {c['peak_bytes'] / 2**20:.0f} MiB  {c['rows_per_chunk']} rows a chunk"
-            )
-    if overhead:
-        report["recorder"] = recorder_overhead(target)
-        r = report["recorder"]
-        echo(
-            f"recorder overhead ({r['model']}, snapshot every {r['snapshot_every']} steps): "
-            f"{r['step_seconds'] * 1e3:.2f} ms -> {r['step_seconds_recorded'] * 1e3:.2f} ms a step, "
-            f"{100 * r['overhead']:+.1f}% (median of paired blocks; {100 * r['inside_step']:.1f}% "
-            "inside recorder.step())"
-        )
+        _echo_case(row, echo)
     if grow:
         report["scaling"] = scaling(target, update, memory_budget, repeats)
         echo("digits MLP, seconds per snapshot:  P  engine  loop  floor")

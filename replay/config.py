@@ -2,8 +2,15 @@
 
 One replay store holds one configuration; its JSON form (:meth:`ReplayConfig.to_json`) is the
 store's ``config`` attribute, and :meth:`ReplayConfig.identity` decides whether an existing
-store may be resumed with a given configuration. Every field carries its help text in
-``metadata["help"]`` (the CLI can build its options from it).
+store may be resumed with a given configuration.
+
+Every field says in its metadata what it accepts, and the checks and the command line
+(``cli.py``) are built from it: ``help`` (its text), ``choices`` (the accepted values; the
+update rules are those of the registry :data:`replay.updates.RULES`), ``check`` (a predicate and
+what it demands, for values other than None), ``label`` (its name in errors), ``option`` (its
+command-line option, when not ``--<name>``), ``unit`` (``"bytes"``: the command line takes sizes
+such as 512MiB) and, for an :class:`UpdateConfig` setting, ``off`` (the value that leaves it
+unapplied: only a rule that reads the setting may take another).
 """
 
 from __future__ import annotations
@@ -15,56 +22,78 @@ from typing import Any
 
 from recorder.rundir.errors import ReplayError
 from recorder.rundir.files import to_json
+from replay.updates import RULES
 
-RULES = ("sgd", "adam-fresh", "recorded")
 PRECISIONS = ("float64", "float32", "difference32", "mixed", "auto")
 STRATEGIES = ("auto", "vmap", "loop")
+
+_POSITIVE = (lambda v: v > 0, "positive")
+_NON_NEGATIVE = (lambda v: v >= 0, "non-negative")
+
+
+def _validate(config: Any) -> None:
+    """Raise :class:`ReplayError` for a field of the dataclass ``config`` outside its metadata's
+    ``choices`` or failing its ``check``."""
+    for f in dataclasses.fields(config):
+        value, meta = getattr(config, f.name), f.metadata
+        if "choices" in meta and value not in meta["choices"]:
+            raise ReplayError(
+                f"{meta.get('label', f.name)} {value!r} is not one of {', '.join(meta['choices'])}"
+            )
+        if "check" in meta and value is not None and not meta["check"][0](value):
+            raise ReplayError(f"{f.name} must be {meta['check'][1]}, got {value}")
+
+
+def _setting(name: str, default: Any, help: str, **metadata: Any) -> Any:
+    """A field of :class:`UpdateConfig` whose help ends with the rules that read it (from the registry)."""
+    users = [rule.name for rule in RULES.values() if name in rule.settings]
+    return field(default=default, metadata={"help": f"{help} (read by {', '.join(users)}).", **metadata})
 
 
 @dataclass(frozen=True)
 class UpdateConfig:
-    """The virtual update ``U(g)`` taken on each probe (SPEC §2)."""
+    """The virtual update ``U(g)`` taken on each probe: a rule of :data:`replay.updates.RULES` and
+    the settings it reads."""
 
     rule: str = field(
         default="adam-fresh",
         metadata={
-            "help": "Update rule: 'sgd' (-lr * (g + weight_decay * w)), 'adam-fresh' (one step of a "
-            "brand-new torch.optim.Adam, the paper's rule), or 'recorded' (the training optimizer's "
-            "own next step from its recorded state)."
+            "help": "Update rule: " + "; ".join(f"'{r.name}': {r.help}" for r in RULES.values()) + ".",
+            "choices": RULES,
+            "label": "update rule",
+            "option": "--update",
         },
     )
-    lr: float = field(
-        default=1e-4,
-        metadata={"help": "Learning rate of 'sgd' and 'adam-fresh' ('recorded' uses the recorded one)."},
-    )
-    eps: float = field(default=1e-8, metadata={"help": "Adam's eps for 'adam-fresh'."})
-    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of 'sgd' (only)."})
-    betas: tuple[float, float] = field(
-        default=(0.9, 0.999), metadata={"help": "Adam's (beta1, beta2) for 'adam-fresh'."}
+    lr: float = _setting("lr", 1e-4, "Learning rate", check=_POSITIVE)
+    eps: float = _setting("eps", 1e-8, "Adam's eps", check=_POSITIVE)
+    weight_decay: float = _setting("weight_decay", 0.0, "Weight decay", check=_NON_NEGATIVE, off=0.0)
+    betas: tuple[float, float] = _setting(
+        "betas",
+        (0.9, 0.999),
+        "Adam's (beta1, beta2)",
+        check=(lambda b: len(b) == 2 and all(0 <= x < 1 for x in b), "two numbers in [0, 1)"),
     )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        if self.rule not in RULES:
-            raise ReplayError(f"update rule {self.rule!r} is not one of {', '.join(RULES)}")
-        if not self.lr > 0:
-            raise ReplayError(f"lr must be positive, got {self.lr}")
-        if not self.eps > 0:
-            raise ReplayError(f"eps must be positive, got {self.eps}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ReplayError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if self.weight_decay < 0:
-            raise ReplayError(f"weight_decay must be non-negative, got {self.weight_decay}")
-        if self.weight_decay and self.rule != "sgd":
-            raise ReplayError(
-                "weight_decay applies to the 'sgd' rule only ('adam-fresh' is a plain fresh Adam; "
-                "'recorded' uses the recorded weight decay)"
-            )
+        _validate(self)
+        rule = RULES[self.rule]
+        for f in dataclasses.fields(self):
+            if (
+                "off" in f.metadata
+                and getattr(self, f.name) != f.metadata["off"]
+                and f.name not in rule.settings
+            ):
+                users = [r.name for r in RULES.values() if f.name in r.settings]
+                raise ReplayError(
+                    f"{f.name} applies to the {' and '.join(map(repr, users))} rule{'s' * (len(users) > 1)} "
+                    f"only ({rule.name!r} "
+                    + (f"uses the recorded {f.name})" if rule.needs_state else f"has no {f.name})")
+                )
 
     def effective(self) -> dict[str, Any]:
         """The fields that ``rule`` actually uses (the others do not change the results)."""
-        used = {"sgd": ("lr", "weight_decay"), "adam-fresh": ("lr", "eps", "betas"), "recorded": ()}
-        return {"rule": self.rule} | {k: to_json(getattr(self, k)) for k in used[self.rule]}
+        return {"rule": self.rule} | {k: to_json(getattr(self, k)) for k in RULES[self.rule].settings}
 
 
 @dataclass(frozen=True)
@@ -76,7 +105,10 @@ class ReplayConfig:
     )
     measures: tuple[str, ...] | None = field(
         default=None,
-        metadata={"help": "Measures to compute (default: every measure that applies to the run's task)."},
+        metadata={
+            "help": "Measures to compute (default: every measure that applies to the run's task).",
+            "check": (lambda m: len(m) > 0, "at least one measure name (or None for all)"),
+        },
     )
     precision: str = field(
         default="auto",
@@ -89,11 +121,17 @@ class ReplayConfig:
             "cheaper, and exact enough only for large steps); 'auto' (difference32 while its "
             "estimated error stays below 1e-4, else mixed, or float64 for models torch.fx cannot trace); "
             "'float32' (everything in float32). Every mode but float64 is checked against float64 on a "
-            "few rows and refused when the estimated error exceeds the tolerance."
+            "few rows and refused when the estimated error exceeds the tolerance (the README's "
+            "section Precision has the numbers).",
+            "choices": PRECISIONS,
         },
     )
     ratio_eps: float = field(
-        default=1e-8, metadata={"help": "eps in the ratio S[i, j] = N[i, j] / (N[i, i] + eps)."}
+        default=1e-8,
+        metadata={
+            "help": "eps in the ratio S[i, j] = N[i, j] / (N[i, i] + eps); 0 suits kl under tiny sgd steps.",
+            "check": _NON_NEGATIVE,
+        },
     )
     include_self: bool = field(
         default=False,
@@ -105,7 +143,8 @@ class ReplayConfig:
         default=1e-2,
         metadata={
             "help": "Largest accepted estimated relative error of the measures: a float32 replay "
-            "refuses beyond it, a float64 replay warns."
+            "refuses beyond it, a float64 replay warns.",
+            "check": _POSITIVE,
         },
     )
     device: str = field(default="cpu", metadata={"help": "Torch device to replay on, e.g. 'cpu', 'cuda'."})
@@ -113,14 +152,17 @@ class ReplayConfig:
         default=None,
         metadata={
             "help": "Bytes the stacked weight copies and their activations may use at once "
-            "(default: a quarter of the device's free memory, page cache the kernel can reclaim included)."
+            "(default: a quarter of the device's free memory, page cache the kernel can reclaim included).",
+            "check": (lambda v: v > 0, "a positive number of bytes"),
+            "unit": "bytes",
         },
     )
     strategy: str = field(
         default="auto",
         metadata={
             "help": "How blocks of updated probes are evaluated: 'vmap' (stacked weight copies, one "
-            "batched call), 'loop' (one call per probe) or 'auto' (chosen by model and probe count)."
+            "batched call), 'loop' (one call per probe) or 'auto' (chosen by model and probe count).",
+            "choices": STRATEGIES,
         },
     )
     name: str | None = field(
@@ -130,18 +172,7 @@ class ReplayConfig:
     def __post_init__(self) -> None:
         if self.measures is not None:
             object.__setattr__(self, "measures", tuple(self.measures))
-            if not self.measures:
-                raise ReplayError("measures must name at least one measure (or be None for all)")
-        if self.precision not in PRECISIONS:
-            raise ReplayError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        if self.strategy not in STRATEGIES:
-            raise ReplayError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
-        if not self.ratio_eps >= 0:
-            raise ReplayError(f"ratio_eps must be non-negative, got {self.ratio_eps}")
-        if not self.tolerance > 0:
-            raise ReplayError(f"tolerance must be positive, got {self.tolerance}")
-        if self.memory_budget is not None and self.memory_budget <= 0:
-            raise ReplayError(f"memory_budget must be a positive number of bytes, got {self.memory_budget}")
+        _validate(self)
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.store_name):
             raise ReplayError(
                 f"store name {self.store_name!r} must be letters, digits, '.', '_' or '-' (no path)"
@@ -180,4 +211,3 @@ class ReplayConfig:
             return cls(**fields)
         except TypeError as e:
             raise ReplayError(f"malformed replay configuration: {e}") from None
-

@@ -66,7 +66,7 @@ _LINEAR_FUNCTIONS = {
 }
 _LINEAR_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze"}
 _SHAPE_METHODS = {"size", "dim"}  # results that do not depend on the values
-_SUMS = {operator.add: 1, torch.add: 1, operator.sub: -1, torch.sub: -1}
+_SUMS: dict[fx.node.Target, int] = {operator.add: 1, torch.add: 1, operator.sub: -1, torch.sub: -1}
 _RELUS = {torch.relu, F.relu}
 
 
@@ -99,7 +99,7 @@ class ChangePropagator:
         model = copy.deepcopy(model)
         for m in model.modules():  # in-place activations would overwrite the recorded base values
             if getattr(m, "inplace", False):
-                m.inplace = False
+                m.inplace = False  # type: ignore[assignment]  # torch types Module attributes as Tensor | Module
         try:
             self.graph_module = fx.symbolic_trace(model)
         except Exception as e:  # fx raises many kinds of errors on code it cannot trace
@@ -148,11 +148,11 @@ class ChangePropagator:
 
     def change(
         self, base: BaseState, update: dict[str, Tensor], finite: bool = True, linear: bool = False
-    ) -> dict[str, Tensor]:
+    ) -> dict[str, Tensor | None]:
         """For one ``update`` (name -> ``[*shape]`` in the working dtype of ``base``): ``"finite"``,
         the change ``D`` ``[P, C]`` (if ``finite``), and ``"linear"``, the Jacobian-vector product
         ``J . U`` ``[P, C]`` (if ``linear``), in that dtype. The two share the products ``U v`` of
-        every layer."""
+        every layer. None where the outputs do not depend on anything ``update`` moves."""
         changes: dict[str, Tensor | None] = {}
         tangents: dict[str, Tensor | None] = {}
         for node in self.nodes:
@@ -176,14 +176,14 @@ class ChangePropagator:
     def _call(self, node: fx.Node, args: tuple, kwargs: dict, state: dict[str, Tensor]) -> Any:
         """Evaluate ``node`` on ``args`` with the weights and buffers ``state`` (qualified names)."""
         if node.op == "call_module":
-            own = _own(state, node.target)
-            return functional_call(self.modules[node.target], own, args, kwargs)
+            own = _own(state, _name(node))
+            return functional_call(self.modules[_name(node)], own, args, kwargs)
         if node.op == "call_function":
-            return node.target(*args, **kwargs)
+            return node.target(*args, **kwargs)  # type: ignore[operator]  # fx: a call_function target is a callable
         if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
+            return getattr(args[0], _name(node))(*args[1:], **kwargs)
         if node.op == "get_attr":  # a weight or buffer, or a constant of the model
-            return state[node.target] if node.target in state else _attribute(self.graph_module, node.target)
+            return state[_name(node)] if node.target in state else _attribute(self.graph_module, _name(node))
         raise UnsupportedModel(f"node {node.name}: unknown op {node.op}")
 
     def _change(
@@ -197,7 +197,7 @@ class ChangePropagator:
         """The change and the tangent of ``node`` from those of its inputs (None: zero; ``changes``
         or ``tangents`` None: not wanted)."""
         module = self.modules[node.target] if node.op == "call_module" else None
-        own_update = _own(update, node.target) if module is not None else {}
+        own_update = _own(update, _name(node)) if module is not None else {}
         inputs = node.all_input_nodes
         moving = any(
             seen is not None and seen[n.name] is not None for seen in (changes, tangents) for n in inputs
@@ -253,7 +253,7 @@ class ChangePropagator:
         if node.op == "call_module":
             state = {
                 k: v + update[k].double() if k in update else v
-                for k, v in _prefixed(state, node.target).items()
+                for k, v in _prefixed(state, _name(node)).items()
             }
         new = self._call(node, args, kwargs, state)
         return (new - base.values[node.name]).to(base.dtype)
@@ -270,7 +270,7 @@ class ChangePropagator:
             for n, p in zip(inputs, primals, strict=True)
         ]
         own = (
-            {k: v.to(base.dtype) for k, v in _prefixed(base.state, node.target).items()}
+            {k: v.to(base.dtype) for k, v in _prefixed(base.state, _name(node)).items()}
             if node.op == "call_module"
             else {}
         )
@@ -282,6 +282,14 @@ class ChangePropagator:
             return self._call(node, args, kwargs, state)
 
         return jvp(evaluate, (primals, own), (directions, own_directions))[1]
+
+
+def _name(node: fx.Node) -> str:
+    """The target of a ``call_module``, ``call_method`` or ``get_attr`` node: a qualified name
+    (fx types every target as a callable or a name)."""
+    if not isinstance(node.target, str):
+        raise UnsupportedModel(f"node {node.name}: {node.op} of {node.target!r}, not of a name")
+    return node.target
 
 
 def _attribute(module: nn.Module, name: str) -> Any:
@@ -301,7 +309,7 @@ def _prefixed(tensors: dict[str, Tensor], module_name: str) -> dict[str, Tensor]
 
 
 def _weighted(
-    module: nn.Module,
+    module: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d,
     v: Tensor,
     d: Tensor | None,
     t: Tensor | None,
@@ -319,17 +327,17 @@ def _weighted(
     u_weight = own_update["weight"] if "weight" in own_update else torch.zeros_like(weight)
     u_bias = own_update.get("bias")
     call = F.linear if isinstance(module, nn.Linear) else module._conv_forward
-    shared = call(v, u_weight, u_bias) if linear or d is None else None  # U v + u_b
     change = tangent = None
-    if finite:
+    if linear:
+        shared = call(v, u_weight, u_bias)  # U v + u_b
+        if finite:
+            change = shared if d is None else call(d, weight + u_weight, None).add_(shared)
+        tangent = shared if t is None else call(t, weight, None).add_(shared)
+    elif finite:
         if d is None:
-            change = shared
-        elif linear:
-            change = call(d, weight + u_weight, None).add_(shared)
+            change = call(v, u_weight, u_bias)
         else:
             change = call(d, weight, None).add_(call(v + d, u_weight, u_bias))
-    if linear:
-        tangent = shared if t is None else call(t, weight, None).add_(shared)
     return change, tangent
 
 

@@ -157,3 +157,22 @@ def ratio(numerator: Tensor, rows: Tensor, eps: float) -> Tensor:
     each updated row) -> ``[B, P]``."""
     diagonal = numerator.gather(1, rows[:, None])
     return numerator / (diagonal + eps)
+
+
+def needs(measures: tuple[Measure, ...]) -> tuple[bool, bool]:
+    """Whether ``measures`` need the finite change and the Jacobian-vector product."""
+    return any(not m.linear for m in measures), any(m.linear for m in measures)
+
+
+def evaluate(
+    measures: tuple[Measure, ...], base: Tensor, changed: dict[str, Tensor], rows: Tensor, eps: float
+) -> dict[str, Tensor]:
+    """name -> ``S`` ``[B, J]`` of each of ``measures`` from base outputs ``[J, C]`` and the changes
+    ``changed`` (``"finite"`` and / or ``"linear"``, ``[B, J, C]``); ``rows`` ``[B]``: the column of
+    each row's own probe; ``eps`` as in :func:`ratio`."""
+    changes = {  # by linear: those in ``changed``, as the measures need them (:func:`needs`)
+        linear: Changes(base, changed[key])
+        for linear, key in ((False, "finite"), (True, "linear"))
+        if key in changed
+    }
+    return {m.name: ratio(m.numerator(changes[m.linear]), rows, eps) for m in measures}

@@ -1,15 +1,16 @@
 """How the engine runs one snapshot: its arithmetic, its strategy and its chunk size.
 
 - **Arithmetic** (:data:`ARITHMETIC`; what each computes in which dtype is in
-  :mod:`replay.engine`): ``float64``, ``float32``, ``difference32`` and ``mixed``. A configured
+  :mod:`replay.precision`): ``float64``, ``float32``, ``difference32`` and ``mixed``. A configured
   precision names one of them, except ``auto`` (:func:`choose_arithmetic`), which starts with
   ``difference32`` (as cheap as float32) and gives way to ``mixed`` (or ``float64`` for models
   ``torch.fx`` cannot trace) once a snapshot's estimated error is too large.
-- **Strategy** (:func:`choose_strategy`): ``vmap`` evaluates a block of ``B`` updated probes at
-  once, vmapped over stacked weight copies (one batched call per layer: wins when one probe's
-  work is small and per-call overhead dominates); ``loop`` makes one plain functional call per
-  updated probe (wins when one probe's forward over all ``P`` probes already fills the device:
-  no stacked weights, plain rather than grouped convolutions).
+- **Strategy** (:func:`choose_strategy`, one of :data:`replay.batching.BATCHINGS`): ``vmap``
+  evaluates a block of ``B`` updated probes at once, vmapped over stacked weight copies (one
+  batched call per layer: wins when one probe's work is small and per-call overhead dominates);
+  ``loop`` makes one plain functional call per updated probe (wins when one probe's forward over
+  all ``P`` probes already fills the device: no stacked weights, plain rather than grouped
+  convolutions).
 - **Chunk size** (:func:`rows_per_chunk`): how many updated probes are processed at once within
   the memory budget.
 
@@ -27,28 +28,30 @@ import torch
 from torch import Tensor, nn
 
 from recorder.rundir.errors import ReplayError
+from replay.batching import BATCHINGS
+from replay.changes import Difference, OutputChanges, Propagation
 
 
 @dataclass(frozen=True)
 class Arithmetic:
     """The dtypes of one arithmetic: ``exact`` for the probe losses, per-sample gradients and
     measures (and the base outputs of a propagation; a difference takes them from the network,
-    see :mod:`replay.engine`); ``fast`` for the updates, output changes and tangents; ``propagate``:
-    output changes by :mod:`replay.difference` instead of the difference of two forward passes."""
+    see :mod:`replay.engine`); ``fast`` for the updates, output changes and tangents; ``changes``:
+    how the output changes are computed (:mod:`replay.changes`)."""
 
     name: str
     exact: torch.dtype
     fast: torch.dtype
-    propagate: bool
+    changes: type[OutputChanges]
 
 
 ARITHMETIC = {
-    "float64": Arithmetic("float64", torch.float64, torch.float64, False),
-    "float32": Arithmetic("float32", torch.float32, torch.float32, False),
-    "difference32": Arithmetic("difference32", torch.float64, torch.float32, False),
-    "mixed": Arithmetic("mixed", torch.float64, torch.float32, True),
+    "float64": Arithmetic("float64", torch.float64, torch.float64, Difference),
+    "float32": Arithmetic("float32", torch.float32, torch.float32, Difference),
+    "difference32": Arithmetic("difference32", torch.float64, torch.float32, Difference),
+    "mixed": Arithmetic("mixed", torch.float64, torch.float32, Propagation),
 }
-STRATEGIES = ("vmap", "loop")
+STRATEGIES = tuple(BATCHINGS)
 
 # Memory model of one updated probe, in values of the arithmetic's dtypes: copies of the
 # parameters (gradient, update, moved weights, Adam moments and denominator) and of the
@@ -99,14 +102,15 @@ def rows_per_chunk(
 
     Per updated probe: ``PARAM_COPIES`` parameter copies and, with ``vmap``, ``ACTIVATION_COPIES``
     activation copies of all ``P + 1`` probes, in the fast dtype. Shared by the block: with
-    ``loop``, one probe's activation copies; with ``propagate``, the base values of every node
-    (exact and fast dtype).
+    ``loop``, one probe's activation copies; for changes that propagate, the base values of every
+    node (exact and fast dtype).
     """
     exact, fast = arithmetic.exact.itemsize, arithmetic.fast.itemsize
     activations = ACTIVATION_COPIES * (num_probes + 1) * facts.activations * fast
-    per_row = PARAM_COPIES * facts.num_params * fast + (activations if strategy == "vmap" else 0)
-    shared = (activations if strategy == "loop" else 0) + (
-        num_probes * facts.activations * (exact + fast) if arithmetic.propagate else 0
+    per_row_activations = BATCHINGS[strategy].activations_per_row
+    per_row = PARAM_COPIES * facts.num_params * fast + (activations if per_row_activations else 0)
+    shared = (0 if per_row_activations else activations) + (
+        num_probes * facts.activations * (exact + fast) if arithmetic.changes.propagates else 0
     )
     return max(1, min(num_probes, (budget - shared) // per_row))
 

@@ -25,7 +25,9 @@ def stepped_copies(
     y: Tensor,
 ) -> Iterator[nn.Module]:
     """For each probe ``i`` of x ``[P, ...]``, y ``[P]`` / ``[P, C]``: a deep copy of ``model`` after
-    one step of ``make_optimizer(copy)`` on probe ``i`` alone (the optimizer may load a state)."""
+    one step of ``make_optimizer(copy)`` on probe ``i`` alone (the optimizer may load a state).
+    An update rule's own optimizer is ``RULES[config.rule].reference(config, record)``
+    (:class:`replay.updates.Rule`)."""
     for i in range(len(x)):
         clone = copy.deepcopy(model)
         optimizer = make_optimizer(clone)

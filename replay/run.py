@@ -33,22 +33,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from recorder.models import build_model, check_state_matches
+from recorder.models import check_state_matches, probe_outputs, rebuild_model
 from recorder.rundir.errors import CorruptSnapshotError, ReplayWarning, RunDirError
-from recorder.rundir.files import is_number
 from recorder.rundir.run import RunDir
 from recorder.rundir.snapshot import Snapshot, SnapshotEntry
 from replay.config import ReplayConfig
 from replay.distributed import Ranks, join
 from replay.engine import Engine
 from replay.store import ReplayStore, exclusive_writer
-from replay.updates import check_optimizer
+from replay.updates import RULES
 
 T = TypeVar("T")
-# What the ``recorded`` rule reads from a snapshot's optimizer record (SGD, Adam, AdamW):
-_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")  # shaped like the parameter
-_NUMBERS = ("lr", "eps", "weight_decay", "momentum", "dampening")  # group hyperparameters
-_FLAGS = ("amsgrad", "nesterov", "maximize", "decoupled_weight_decay")
 
 
 def replay(
@@ -98,7 +93,7 @@ def _replay(run_dir: Path, config: ReplayConfig, ranks: Ranks, progress: bool, s
         label = f"replay {config.store_name}" + (
             f" (rank 0 of {ranks.world_size})" if ranks.world_size > 1 else ""
         )
-        errors, skipped = _agreed(
+        errors, skipped_here = _agreed(
             ranks,
             lambda: _replay_share(
                 run,
@@ -113,7 +108,7 @@ def _replay(run_dir: Path, config: ReplayConfig, ranks: Ranks, progress: bool, s
             ),
         )
         worst = max((e for e in errors if not math.isnan(e)), default=-math.inf)
-        replayed, skipped = ranks.reduce([len(errors), skipped], "sum")
+        replayed, skipped = ranks.reduce([len(errors), skipped_here], "sum")
         (worst,) = ranks.reduce([worst], "max")
         if progress and ranks.main:
             done = store.read_done()
@@ -130,12 +125,12 @@ def _replay(run_dir: Path, config: ReplayConfig, ranks: Ranks, progress: bool, s
 def _agreed(ranks: Ranks, fn: Callable[[], T]) -> T:
     """``fn()`` on this rank, then :meth:`~replay.distributed.Ranks.agree`: raises on every rank
     when ``fn`` failed on any."""
-    error = result = None
+    error: Exception | None = None
     try:
         result = fn()
     except Exception as e:  # noqa: BLE001 - shared with the other ranks, then raised
         error = e
-    ranks.agree(error)
+    ranks.agree(error)  # raises when there is an error, so ``result`` is set
     return result
 
 
@@ -184,30 +179,18 @@ def _check_run(
             ReplayWarning,
             stacklevel=2,
         )
-    with torch.random.fork_rng(devices=[]):  # building a model draws from the global generator
-        try:
-            model = build_model(spec.model).eval()
-        except RunDirError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the factory ran on the run's kwargs
-            raise RunDirError(
-                f"{run.path / 'spec.json'}: model {spec.model.factory!r} cannot be built "
-                f"from {spec.model.kwargs} ({type(e).__name__}: {e})"
-            ) from None
-    weights = list(model.parameters())
-    if not weights:
+    try:
+        model = rebuild_model(spec.model)
+    except RunDirError as e:
+        raise RunDirError(f"{run.path / 'spec.json'}: {e}") from None
+    if not list(model.parameters()):
         raise RunDirError(
             f"{run.path / 'spec.json'}: model {spec.model.factory!r} has no parameters to update"
         )
-    x = inputs[:1].to(weights[0].dtype) if inputs.is_floating_point() else inputs[:1]
     try:
-        with torch.no_grad():
-            outputs = model(x)
-    except Exception as e:  # noqa: BLE001 - whatever the model raises on inputs it cannot take
-        raise RunDirError(
-            f"{run.path / 'probes.safetensors'}: probe inputs of shape {tuple(inputs.shape)} and dtype "
-            f"{inputs.dtype} do not fit the model {spec.model.factory!r} ({type(e).__name__})"
-        ) from None
+        outputs = probe_outputs(model, inputs, spec.model.factory)
+    except ValueError as e:
+        raise RunDirError(f"{run.path / 'probes.safetensors'}: {e}") from None
     if tuple(outputs.shape) != (1, spec.num_outputs):
         raise RunDirError(
             f"{run.path / 'spec.json'}: num_outputs is {spec.num_outputs}, but the model maps a probe "
@@ -225,34 +208,12 @@ def _check_run(
 
 def _load(run: RunDir, entry: SnapshotEntry, model: nn.Module, config: ReplayConfig) -> Snapshot:
     """Read the snapshot of ``entry`` and check that it fits ``model`` (names and shapes of the
-    weights), and for the ``recorded`` rule that its optimizer record is one the rule can use
-    (state shaped like the parameters, hyperparameters of the right types)."""
+    weights), and for a rule that reads the optimizer record (``recorded``) that the record is
+    one the rule can use (:attr:`replay.updates.Rule.check`)."""
     snapshot = run.load_snapshot(entry)
     where = f"{run.path / entry.file} (step {entry.step})"
     check_state_matches(model, snapshot.params, where)
-    if config.update.rule == "recorded":
-        check_optimizer(snapshot.optimizer, where)
-        for group in snapshot.optimizer.groups:
-            betas = group.get("betas", (0.0, 0.0))
-            if not (
-                all(is_number(group[k]) for k in _NUMBERS if k in group)
-                and all(isinstance(group[k], bool) for k in _FLAGS if k in group)
-                and isinstance(betas, list | tuple)
-                and len(betas) == 2
-                and all(is_number(b) for b in betas)
-            ):
-                raise RunDirError(
-                    f"{where}: malformed optimizer hyperparameters { ({k: group[k] for k in group if k != 'params'}) }"
-                )
-        for name, state in snapshot.optimizer.state.items():
-            for key in _STATE_KEYS:
-                if (
-                    key in state
-                    and name in snapshot.params
-                    and state[key].shape != snapshot.params[name].shape
-                ):
-                    raise RunDirError(
-                        f"{where}: optimizer state {key!r} of {name!r} has shape {tuple(state[key].shape)}, "
-                        f"the parameter {tuple(snapshot.params[name].shape)}"
-                    )
+    check = RULES[config.update.rule].check
+    if check is not None:
+        check(snapshot.optimizer, snapshot.params, where)
     return snapshot

@@ -1,39 +1,37 @@
-"""The replay store ``RUN_DIR/<name>.zarr`` (zarr v3), in the layout of README "Replay store".
+"""The replay store ``RUN_DIR/<name>.zarr`` (zarr v3), in the layout of README "Replay store":
+the one module that knows it. :func:`_layout` declares every array and :class:`_Plan` the
+attributes; :class:`ReplayStore` writes a store and :func:`open_store` reads one.
 
-``S`` snapshots (the run's manifest), ``P`` probes, ``C`` outputs, ``K`` probe classes. Arrays
-``[S, ...]`` are chunked one snapshot per chunk (``done`` included: a ``[S]`` array of chunks of
-1), checked whenever a store is opened: writing one snapshot touches only its own chunk files,
-so the ranks of a distributed replay can write different snapshots at once. When the manifest
-has grown, the ``[S, ...]`` arrays are extended.
+``S`` snapshots (the run's manifest), ``P`` probes, ``C`` outputs, ``K`` probe classes, ``m`` a
+measure. Arrays (name: shape, dimension names):
 
-Crash safety, for a process killed at any moment (and a machine that goes down):
+- ``step``, ``epoch``: ``[S]`` int64 (snapshot); ``done``: ``[S]`` bool (snapshot), set last;
+- ``probe_targets``: ``[P]`` (probe) classes or ``[P]`` / ``[P, C]`` (probe, output) targets;
+- ``base_outputs``: ``[S, P, C]`` (snapshot, probe, output); ``probe_loss``, ``update_norm``:
+  ``[S, P]`` (snapshot, probe); ``error_estimate``: ``[S]`` (snapshot);
+- ``measures/<m>``: ``[S, P, P]`` (snapshot, updated, observed);
+- ``classpairs/<m>/<stat>``: ``[S, K, K]`` (snapshot, observed_class, updated_class), one per stat
+  of :data:`~replay.classpairs.STATS`, classification only.
 
-- a new store is built in a temporary directory and renamed into place, so a store always has
-  its full layout;
-- zarr's ``LocalStore`` writes every chunk and metadata file to a temporary ``*.partial`` file
-  and renames it over the old one, so a killed writer leaves the old file (or none) and an
-  orphaned ``*.partial`` file, never a torn chunk; orphans are removed when a store is prepared;
-- snapshot ``s`` counts as written only once ``done[s]`` is set, which happens last, after the
-  file system holding the store has been flushed (``syncfs``): ``done`` never covers a chunk
-  that is not on disk. Undone snapshots are recomputed on resume and their chunks written whole
-  (zarr does not read a chunk it overwrites entirely), so whatever they held does not matter;
-- a chunk of ``done`` or ``step`` that cannot be decoded (damage from outside) counts as not
-  done, so that snapshot is recomputed and its chunks rewritten.
+Attributes: ``config``, ``run_spec``, ``dtype``, ``precision``, ``measures``, ``classes`` (the
+``K`` class labels, null for regression), ``include_self``. Floating point arrays are of
+``dtype`` (the configuration's storage dtype) and filled with NaN, the others with zeros.
 
-One writer at a time: :func:`exclusive_writer` holds an OS lock on ``RUN_DIR/<name>.zarr.lock``.
+Arrays ``[S, ...]`` are chunked one snapshot per chunk (``done`` included: a ``[S]`` array of
+chunks of 1), checked whenever a store is opened for writing: writing one snapshot touches only
+its own chunk files, so the ranks of a distributed replay can write different snapshots at once.
+When the manifest has grown, the ``[S, ...]`` arrays are extended.
+
+Crash safety and the write lock: :mod:`replay.crashsafe`; a store always has its full layout,
+and snapshot ``s`` counts as written only once ``done[s]`` is set, last.
 """
 
 from __future__ import annotations
 
-import ctypes
-import fcntl
 import os
-import re
 import shutil
-import socket
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,22 +40,24 @@ import numpy as np
 import torch
 import zarr
 
-from analyses.classpairs import STATS, aggregate
-from recorder.rundir.errors import ReplayError, RunDirError
+from recorder.rundir.errors import ReplayError, ResultsError
 from recorder.rundir.snapshot import SnapshotEntry
 from recorder.rundir.spec import RunSpec
+from replay.classpairs import STATS, aggregate
 from replay.config import ReplayConfig
+from replay.crashsafe import exclusive_writer, flush_to_disk, read_chunkwise, remove_orphans
 from replay.engine import SnapshotResult
 
-_ORPHAN = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr's temporary file of an interrupted write
-try:
-    _syncfs = ctypes.CDLL(None, use_errno=True).syncfs  # Linux
-except (OSError, AttributeError, TypeError):
-    _syncfs = None
+__all__ = ["ReplayStore", "StoredArray", "StoredReplay", "exclusive_writer", "open_store", "store_paths"]
+
+_SUFFIX = ".zarr"  # RUN_DIR/<name>.zarr
 
 
 @dataclass(frozen=True)
 class _ArraySpec:
+    """One array of a store: shape, dtype and dimension names; per-snapshot arrays have a leading
+    ``snapshot`` axis of one snapshot per chunk, the others are one chunk."""
+
     shape: tuple[int, ...]  # without the snapshot axis for per-snapshot arrays
     dtype: Any
     dims: tuple[str, ...]
@@ -76,8 +76,23 @@ class _ArraySpec:
         return ((1,) + self.shape) if self.per_snapshot else self.shape
 
 
-def _layout(targets: np.ndarray, num_outputs: int, num_classes: int, measures: tuple[str, ...], dtype: str):
-    """Array name -> :class:`_ArraySpec` (README table)."""
+def _measure_key(m: str) -> str:
+    return f"measures/{m}"
+
+
+def _classpair_key(m: str, stat: str) -> str:
+    return f"classpairs/{m}/{stat}"
+
+
+def _layout(
+    targets: np.ndarray, num_outputs: int, num_classes: int, measures: Sequence[str], dtype: Any
+) -> dict[str, _ArraySpec]:
+    """Array name -> :class:`_ArraySpec`: every array of a store (the module docstring's list).
+
+    ``targets`` ``[P]`` / ``[P, C]``: the probe targets; no class pairs when ``num_classes`` is 0.
+    ``dtype``: the storage dtype name (:func:`_read` passes the attribute as stored: it checks
+    only shapes).
+    """
     num_probes = len(targets)
     layout = {
         "step": _ArraySpec((), np.int64, ("snapshot",)),
@@ -92,15 +107,21 @@ def _layout(targets: np.ndarray, num_outputs: int, num_classes: int, measures: t
         "error_estimate": _ArraySpec((), dtype, ("snapshot",)),
     }
     for m in measures:
-        layout[f"measures/{m}"] = _ArraySpec(
+        layout[_measure_key(m)] = _ArraySpec(
             (num_probes, num_probes), dtype, ("snapshot", "updated", "observed")
         )
         if num_classes:
             for stat in STATS:
-                layout[f"classpairs/{m}/{stat}"] = _ArraySpec(
+                layout[_classpair_key(m, stat)] = _ArraySpec(
                     (num_classes, num_classes), dtype, ("snapshot", "observed_class", "updated_class")
                 )
     return layout
+
+
+def _class_labels(targets: np.ndarray, classes: list) -> np.ndarray:
+    """``[P]`` index of each probe's class (``targets`` ``[P]``) in ``classes``."""
+    position = {c: k for k, c in enumerate(classes)}
+    return np.array([position[int(t)] for t in targets], dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -131,7 +152,7 @@ class _Plan:
         }
         num_classes = len(classes or ())
         layout = _layout(targets_np, spec.num_outputs, num_classes, measures, config.storage_dtype)
-        labels = np.searchsorted(classes, targets_np) if classification else None
+        labels = _class_labels(targets_np, classes) if classes is not None else None  # classification
         return cls(attrs, layout, targets_np, labels, num_classes)
 
 
@@ -145,7 +166,7 @@ class ReplayStore:
     def __init__(self, path: Path, group: zarr.Group, plan: _Plan, include_self: bool):
         self.path = path
         self._group = group
-        self._arrays = {name: group[name] for name in plan.layout}
+        self._arrays = {name: _array(group, name) for name in plan.layout}
         self._plan = plan
         self._include_self = include_self
         self.done = _done_flags(group)  # [S]
@@ -169,12 +190,12 @@ class ReplayStore:
         path = Path(path)
         plan = _Plan.make(config, spec, targets, measures)
         try:
-            _remove_orphans(path)
+            remove_orphans(path)
             if not path.exists():
                 _create(path, plan, len(entries))
             group = _open_existing(path, plan, config, len(entries))
             _extend(group, plan.layout, entries)
-            _flush_to_disk(path)
+            flush_to_disk(path)
         except OSError as e:
             raise ReplayError(f"{path}: cannot write the replay store ({e})") from None
         return cls(path, group, plan, config.include_self)
@@ -193,12 +214,17 @@ class ReplayStore:
         path = Path(path)
         plan = _Plan.make(config, spec, targets, measures)
         group = _open_existing(path, plan, config, len(entries))
-        if group["done"].shape[0] != len(entries):
-            raise ReplayError(f"{path}: holds {group['done'].shape[0]} snapshots, expected {len(entries)}")
+        done = _array(group, "done")
+        if done.shape[0] != len(entries):
+            raise ReplayError(f"{path}: holds {done.shape[0]} snapshots, expected {len(entries)}")
         return cls(path, group, plan, config.include_self)
 
     def write(self, s: int, result: SnapshotResult) -> None:
-        """Store everything of snapshot ``s`` (whole chunks), flush it to disk, then mark it done."""
+        """Store everything of snapshot ``s`` (whole chunks), flush it to disk, then mark it done.
+
+        ``result`` holds ``base_outputs`` ``[P, C]``, ``probe_loss`` and ``update_norm`` ``[P]``
+        and every measure ``[P, P]``; the class pairs ``[K, K]`` are aggregated from the measures.
+        """
         a, plan = self._arrays, self._plan
         try:
             a["base_outputs"][s] = result.base_outputs.numpy()
@@ -206,7 +232,7 @@ class ReplayStore:
             a["update_norm"][s] = result.update_norm.numpy()
             a["error_estimate"][s] = result.error_estimate
             for name, S in result.measures.items():
-                a[f"measures/{name}"][s] = S.numpy()
+                a[_measure_key(name)][s] = S.numpy()
             if plan.labels is not None:
                 stacked = np.stack([S.numpy() for S in result.measures.values()])  # [M, P, P]
                 for stat in STATS:
@@ -214,8 +240,8 @@ class ReplayStore:
                         stacked, plan.labels, plan.num_classes, self._include_self, stat
                     )  # [M, K, K]
                     for name, A_m in zip(result.measures, A, strict=True):
-                        a[f"classpairs/{name}/{stat}"][s] = A_m
-            _flush_to_disk(self.path)
+                        a[_classpair_key(name, stat)][s] = A_m
+            flush_to_disk(self.path)
             a["done"][s] = True
         except OSError as e:
             raise ReplayError(f"{self.path}: cannot write snapshot {s} ({e})") from None
@@ -226,65 +252,150 @@ class ReplayStore:
         return _done_flags(self._group)
 
 
-@contextmanager
-def exclusive_writer(path: Path) -> Iterator[None]:
-    """Hold the write lock of the store ``path``: an OS lock (``flock``) on ``<path>.lock``,
-    which the kernel releases when this process ends, however it ends.
+class StoredArray:
+    """A per-snapshot array ``[S, ...]`` of a store opened by :func:`open_store`, read from disk
+    only by :meth:`read`."""
 
-    Raises :class:`ReplayError` while another process holds it, and
-    :class:`~recorder.runfiles.RunDirError` when the lock file cannot be created (the run
-    directory is read-only).
+    def __init__(self, array: zarr.Array):
+        self._array = array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._array.shape)
+
+    def read(self, snapshots: np.ndarray) -> np.ndarray:
+        """The snapshots at the indices ``snapshots`` ``[n]``: ``[n, ...]``, in the stored dtype."""
+        return np.asarray(self._array.oindex[snapshots])
+
+
+@dataclass(frozen=True)
+class StoredReplay:
+    """A replay store as :func:`open_store` reads it: ``S`` stored snapshots, done or not.
+
+    Attributes:
+        name: the store's name (``RUN_DIR/<name>.zarr``).
+        path: the store's path.
+        config, run_spec, dtype, include_self: the store attributes of these names.
+        measure_names: the attribute ``measures``, in store order.
+        done, steps, epochs, error_estimate: ``[S]`` arrays of these names.
+        targets: ``probe_targets``, ``[P]`` classes or ``[P]`` / ``[P, C]`` regression targets.
+        labels: ``[P]`` class index in ``0 .. K-1`` of each probe; None for regression.
+        classes: the ``K`` class labels; None for regression.
+        measures: measure name -> ``[S, P, P]``.
+        classpairs: measure name -> stat -> ``[S, K, K]``; empty for regression.
     """
-    lock = path.with_name(path.name + ".lock")
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    run_spec: dict[str, Any]
+    dtype: str
+    include_self: bool
+    measure_names: tuple[str, ...]
+    done: np.ndarray
+    steps: np.ndarray
+    epochs: np.ndarray
+    error_estimate: np.ndarray
+    targets: np.ndarray
+    labels: np.ndarray | None
+    classes: list | None
+    measures: dict[str, StoredArray]
+    classpairs: dict[str, dict[str, StoredArray]]
+
+
+def store_paths(run_dir: str | Path) -> list[Path]:
+    """The replay stores ``RUN_DIR/<name>.zarr`` of the run directory ``run_dir``, sorted by name."""
+    return sorted(p for p in Path(run_dir).glob(f"*{_SUFFIX}") if p.is_dir())
+
+
+def open_store(path: str | Path) -> StoredReplay:
+    """Open the replay store ``path`` for reading and check its layout (:func:`_layout`, from
+    its attributes and ``probe_targets``); reads the ``[S]`` arrays and ``probe_targets`` now.
+
+    Classes: the attribute ``classes`` lists the class labels (values of ``probe_targets``) that
+    index the ``K`` axis of the class pairs, in order (an integer ``K`` stands for ``0 .. K-1``;
+    absent or null, the sorted distinct probe labels). A store with integer ``probe_targets`` of
+    shape ``[P]`` is a classification store; anything else is regression.
+
+    Raises :class:`ResultsError` when the store is unreadable or does not follow the layout (the
+    message names the store and what is wrong).
+    """
+    path = Path(path)
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise RunDirError(
-            f"{path.parent}: cannot write the replay store {path.name} there ({e.strerror}); "
-            "replay needs a writable run directory (copy it somewhere writable)"
-        ) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
-            raise ReplayError(
-                f"{path}: another replay ({holder}) is writing this store now; wait for it to "
-                "finish, or replay into another --name"
-            ) from None
-        except OSError as e:  # a file system without locks
-            raise ReplayError(f"{lock}: cannot lock the replay store ({e.strerror})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+        return _read(path)
+    except ResultsError:
+        raise
+    except KeyError as e:
+        raise ResultsError(f"{path}: not a replay store: missing {e.args[0]!r}") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise ResultsError(f"{path}: unreadable replay store ({type(e).__name__}: {e})") from None
 
 
-def _flush_to_disk(path: Path) -> None:
-    """Make every write so far to the file system holding ``path`` durable (``syncfs``; ``sync``
-    where the C library has no ``syncfs``)."""
-    if _syncfs is None:
-        os.sync()
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if _syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-    finally:
-        os.close(fd)
+def _read(path: Path) -> StoredReplay:
+    """:func:`open_store`, raising what zarr raises on a missing or unreadable array."""
+    group = zarr.open_group(path, mode="r", zarr_format=3)
+    attrs: dict[str, Any] = dict(group.attrs)  # JSON as stored: checked where used
+    measures = attrs.get("measures")
+    if not isinstance(measures, list) or not all(isinstance(m, str) for m in measures):
+        raise ResultsError(f"{path}: attribute 'measures' must be a list of measure names")
+    stored_targets = group["probe_targets"]
+    if not isinstance(stored_targets, zarr.Array) or stored_targets.ndim not in (1, 2):
+        raise ResultsError(f"{path}: 'probe_targets' must be an array [P] or [P, C]")
+    targets = np.asarray(stored_targets[:])
+    labels, classes = _class_axis(path, targets, attrs.get("classes"))
+    done = group["done"]
+    num_stored = done.shape[0] if isinstance(done, zarr.Array) and done.ndim else 0
+    layout = _layout(
+        targets, attrs["run_spec"]["num_outputs"], len(classes or ()), measures, attrs.get("dtype")
+    )
+    arrays: dict[str, zarr.Array] = {}  # the layout's arrays, checked
+    for name, spec in layout.items():
+        array, expected = group[name], spec.full_shape(num_stored)
+        if not isinstance(array, zarr.Array) or array.shape != expected:
+            shape = list(array.shape) if isinstance(array, zarr.Array) else "a group"
+            raise ResultsError(
+                f"{path}: {name!r} must be an array {list(expected)} ({', '.join(spec.dims)}), not {shape}"
+            )
+        arrays[name] = array
+    return StoredReplay(
+        name=path.name.removesuffix(_SUFFIX),
+        path=path,
+        config=attrs.get("config") or {},
+        run_spec=attrs["run_spec"],
+        dtype=str(attrs.get("dtype", "unknown")),
+        include_self=bool(attrs.get("include_self", False)),
+        measure_names=tuple(measures),
+        done=np.asarray(arrays["done"][:], dtype=bool),
+        steps=np.asarray(arrays["step"][:], dtype=np.int64),
+        epochs=np.asarray(arrays["epoch"][:], dtype=np.int64),
+        error_estimate=np.asarray(arrays["error_estimate"][:], dtype=np.float64),
+        targets=targets,
+        labels=labels,
+        classes=classes,
+        measures={m: StoredArray(arrays[_measure_key(m)]) for m in measures},
+        classpairs={
+            m: {stat: StoredArray(arrays[_classpair_key(m, stat)]) for stat in STATS}
+            for m in (measures if classes else ())
+        },
+    )
 
 
-def _remove_orphans(path: Path) -> None:
-    """Delete what killed writers of ``path`` left: temporary stores beside it and zarr's
-    ``*.partial`` files inside it (only the lock holder may call this)."""
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    if path.is_dir():
-        for partial in path.rglob("*.partial"):
-            if _ORPHAN.search(partial.name):
-                partial.unlink(missing_ok=True)
+def _class_axis(path: Path, targets: np.ndarray, classes: Any) -> tuple[np.ndarray | None, list | None]:
+    """Probe class indices ``[P]`` into the ``K`` axis, and the ``K`` class labels (the attribute
+    ``classes``, see :func:`open_store`); (None, None) for regression targets (floating point, or
+    ``[P, C]``)."""
+    if targets.ndim != 1 or not np.issubdtype(targets.dtype, np.integer):
+        return None, None
+    if classes is None:
+        classes = sorted(int(c) for c in np.unique(targets))
+    elif isinstance(classes, int) and not isinstance(classes, bool):
+        classes = list(range(classes))
+    elif not isinstance(classes, list):
+        raise ResultsError(f"{path}: attribute 'classes' must be a list of class labels or a count")
+    missing = sorted({int(t) for t in targets} - set(classes))
+    if missing:
+        raise ResultsError(f"{path}: probe classes {missing} are not in the attribute 'classes' {classes}")
+    return _class_labels(targets, classes), classes
 
 
 def _create(path: Path, plan: _Plan, n: int) -> None:
@@ -301,8 +412,8 @@ def _create(path: Path, plan: _Plan, n: int) -> None:
                 fill_value=spec.fill,
                 dimension_names=spec.dims,
             )
-        group["probe_targets"][...] = plan.targets
-        _flush_to_disk(tmp)
+        _array(group, "probe_targets")[...] = plan.targets
+        flush_to_disk(tmp)
         os.rename(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -314,7 +425,7 @@ def _open_existing(path: Path, plan: _Plan, config: ReplayConfig, n: int) -> zar
     not_a_store = f"{path}: exists but is not a replay store; choose another --name (or delete it)"
     try:
         group = zarr.open_group(path, mode="r+", zarr_format=3)
-        stored = dict(group.attrs)
+        stored: dict[str, Any] = dict(group.attrs)  # JSON as stored
         stored_config = ReplayConfig.from_json(stored["config"])
         arrays = {name: group.get(name) for name in plan.layout}
     except (KeyError, ValueError, TypeError, OSError, ReplayError):
@@ -333,6 +444,7 @@ def _open_existing(path: Path, plan: _Plan, config: ReplayConfig, n: int) -> zar
     other_run = f"{path}: was written for a different run (%s differ); delete it or move it"
     if stored.get("run_spec") != plan.attrs["run_spec"]:
         raise ReplayError(other_run % "specs")
+    checked: dict[str, zarr.Array] = {}
     for name, spec in plan.layout.items():
         array = arrays[name]
         if not isinstance(array, zarr.Array) or array.dtype != np.dtype(spec.dtype):
@@ -341,38 +453,30 @@ def _open_existing(path: Path, plan: _Plan, config: ReplayConfig, n: int) -> zar
             raise ReplayError(other_run % f"shapes of {name!r}")
         if array.chunks != spec.chunks or array.shards is not None:
             raise ReplayError(f"{path}: {name!r} is not chunked one snapshot per chunk; {not_a_store}")
+        checked[name] = array
     try:
-        same_probes = np.array_equal(arrays["probe_targets"][...], plan.targets)
+        same_probes = np.array_equal(checked["probe_targets"][...], plan.targets)
     except Exception:  # noqa: BLE001 - a chunk damaged from outside: not readable, so not the same
         same_probes = False
     if not same_probes:
         raise ReplayError(other_run % "probes")
-    if arrays["done"].shape[0] > n:
-        raise ReplayError(f"{path}: holds {arrays['done'].shape[0]} snapshots but the run lists only {n}")
+    if checked["done"].shape[0] > n:
+        raise ReplayError(f"{path}: holds {checked['done'].shape[0]} snapshots but the run lists only {n}")
     return group
 
 
-def _read_chunkwise(array: zarr.Array) -> tuple[np.ndarray, np.ndarray]:
-    """The values of a ``[S]`` array and whether each could be read: a chunk damaged from outside
-    (it cannot be decoded) reads as the fill value and ``False``."""
-    try:
-        return np.asarray(array[:]), np.ones(array.shape[0], dtype=bool)
-    except Exception:  # noqa: BLE001 - damaged bytes raise whatever the codec raises
-        values = np.full(array.shape[0], array.fill_value, dtype=array.dtype)
-        readable = np.zeros(array.shape[0], dtype=bool)
-        for s in range(array.shape[0]):
-            try:
-                values[s] = array[s]
-                readable[s] = True
-            except Exception:  # noqa: BLE001
-                pass
-        return values, readable
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of ``group``, a store whose layout :func:`_open_existing` checked."""
+    array = group[name]
+    if not isinstance(array, zarr.Array):
+        raise ReplayError(f"{group.store}: {name!r} is not an array")
+    return array
 
 
 def _done_flags(group: zarr.Group) -> np.ndarray:
     """``done`` ``[S]``, counting a snapshot whose ``done`` or ``step`` chunk is damaged as not done."""
-    done, done_ok = _read_chunkwise(group["done"])
-    _, step_ok = _read_chunkwise(group["step"])  # never shorter: :func:`_extend` grows it first
+    done, done_ok = read_chunkwise(_array(group, "done"))
+    _, step_ok = read_chunkwise(_array(group, "step"))  # never shorter: :func:`_extend` grows it first
     return done.astype(bool) & done_ok & step_ok[: len(done)]
 
 
@@ -382,13 +486,15 @@ def _extend(group: zarr.Group, layout: dict[str, _ArraySpec], entries: list[Snap
     n = len(entries)
     done = _done_flags(group)
     steps = np.array([e.step for e in entries], dtype=np.int64)
-    stored_steps = _read_chunkwise(group["step"])[0][: len(done)]
+    stored_steps = read_chunkwise(_array(group, "step"))[0][: len(done)]
     if not np.array_equal(stored_steps[done], steps[: len(done)][done]):
         raise ReplayError(f"{group.store}: its snapshot steps differ from the run's manifest")
     for name, spec in layout.items():  # "step" first (see :func:`_done_flags`)
-        if spec.per_snapshot and group[name].shape[0] < n:
-            group[name].resize(spec.full_shape(n))
+        if spec.per_snapshot:
+            array = _array(group, name)
+            if array.shape[0] < n:
+                array.resize(spec.full_shape(n))
     todo = np.flatnonzero(~np.concatenate([done, np.zeros(n - len(done), dtype=bool)]))
     if len(todo):
-        group["step"][todo[0] :] = steps[todo[0] :]
-        group["epoch"][todo[0] :] = np.array([e.epoch for e in entries[todo[0] :]], dtype=np.int64)
+        _array(group, "step")[todo[0] :] = steps[todo[0] :]
+        _array(group, "epoch")[todo[0] :] = np.array([e.epoch for e in entries[todo[0] :]], dtype=np.int64)

@@ -1,8 +1,8 @@
-"""Virtual update rules ``U(g)`` (SPEC §2), for a batch of per-sample gradients at once.
+"""Virtual update rules ``U(g)``, for a batch of per-sample gradients at once, and their registry.
 
 An update rule maps the weights ``params`` (name -> ``[*shape]``), per-sample gradients ``grads``
 (name -> ``[B, *shape]``, row ``b`` the gradient of probe ``b`` alone) and the snapshot's
-:class:`~recorder.runfiles.OptimizerRecord` (or None) to per-sample updates (name ->
+:class:`~recorder.rundir.snapshot.OptimizerRecord` (or None) to per-sample updates (name ->
 ``[B, *shape]``): ``w + U[b]`` is the weight after one optimizer step on probe ``b`` alone.
 
 The arithmetic follows torch's single-tensor ``SGD`` / ``Adam`` step operation by operation, so
@@ -15,28 +15,76 @@ that the update agrees with a real ``optimizer.step()`` to float rounding:
   dampening, nesterov, weight decay, maximize; Adam / AdamW with coupled or decoupled weight
   decay, amsgrad, maximize), with each parameter's own group hyperparameters. A parameter with
   no state yet steps like a fresh optimizer; one in no parameter group is not updated.
+
+Each rule is one :class:`Rule` in the registry :data:`RULES` (name, settings, how to build it,
+its ``torch.optim`` reference, the check of a recorded optimizer, its capabilities); the
+configuration (:class:`~replay.config.UpdateConfig`), the command line, the benchmark and the
+replay's checks all read it, so a new rule is one more :func:`register` call in this file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from recorder.rundir.errors import ReplayError
+from recorder.rundir.errors import ReplayError, RunDirError
+from recorder.rundir.files import is_number
 from recorder.rundir.snapshot import OptimizerRecord
-from replay.config import UpdateConfig
+
+if TYPE_CHECKING:  # replay.config reads the registry: imported for annotations only
+    from replay.config import UpdateConfig
 
 UpdateRule = Callable[[dict[str, Tensor], dict[str, Tensor], OptimizerRecord | None], dict[str, Tensor]]
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
-SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
 
-# Group hyperparameters each optimizer type needs (torch writes all of them in every param group).
-_SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
-_ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
-_ADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}
+@dataclass(frozen=True)
+class Rule:
+    """One update rule of the registry :data:`RULES`.
+
+    - ``name``: its ``UpdateConfig.rule`` (and ``--update``) value; ``help``: what it does, in words;
+    - ``settings``: the :class:`~replay.config.UpdateConfig` fields it reads (the others change
+      nothing it computes, so they stay out of a store's identity);
+    - ``build(config)``: the rule as an :data:`UpdateRule`;
+    - ``reference(config, record)``: a factory of the real ``torch.optim`` optimizer whose one
+      ``step()`` on a model is the rule (the oracle of the tests and the benchmark's loop);
+    - ``check(record, params, where)``: for a rule that reads the snapshot's optimizer record,
+      raise unless ``record`` can drive it on weights ``params`` (name -> ``[*shape]``); None: the
+      rule reads no record;
+    - ``scale(config)``: ``c`` where the update is the gradient scaled by one number, ``U = c * g``,
+      else None; None: never.
+    """
+
+    name: str
+    help: str
+    settings: tuple[str, ...]
+    build: Callable[[UpdateConfig], UpdateRule]
+    reference: Callable[[UpdateConfig, OptimizerRecord | None], OptimizerFactory]
+    check: Callable[[OptimizerRecord | None, dict[str, Tensor], str], None] | None = None
+    scale: Callable[[UpdateConfig], float | None] | None = None
+
+    @property
+    def needs_state(self) -> bool:
+        """Whether the rule reads the recorded optimizer (so not on a run, or a benchmark, without one)."""
+        return self.check is not None
+
+
+RULES: dict[str, Rule] = {}  # name -> rule, in registration order
+
+
+def register(rule: Rule) -> Rule:
+    """Add ``rule`` to :data:`RULES`."""
+    if rule.name in RULES:
+        raise ValueError(f"update rule {rule.name!r} is registered twice")
+    RULES[rule.name] = rule
+    return rule
+
+
+# ----------------------------------------------------------------------------- the arithmetic
 
 
 def sgd_step(
@@ -83,8 +131,8 @@ def adam_step(
     ``{"step", "exp_avg", "exp_avg_sq"[, "max_exp_avg_sq"]}`` (empty: a fresh optimizer)
     -> U ``[B, *shape]``.
 
-    A fresh optimizer's step is computed from its closed form ``-lr g / (|g| + eps)`` (SPEC §3,
-    ``amsgrad`` or not): torch's sequence of moments and bias corrections gives the same value up
+    A fresh optimizer's step is computed from its closed form ``-lr g / (|g| + eps)`` (``amsgrad``
+    or not): torch's sequence of moments and bias corrections gives the same value up
     to a few roundings of the working dtype, at twice the memory traffic."""
     beta1, beta2 = betas
     if maximize:
@@ -136,77 +184,144 @@ def _state(state: dict[str, Tensor], key: str, w: Tensor) -> Tensor:
     return state[key].to(w, copy=True) if key in state else torch.zeros_like(w)  # aligned copy: reproducible
 
 
-def check_optimizer(record: OptimizerRecord | None, where: str) -> None:
-    """Raise :class:`ReplayError` unless ``record`` can drive the ``recorded`` rule."""
-    alternatives = "use --update adam-fresh or --update sgd instead"
+# ----------------------------------------------------------------------------- the recorded optimizer
+
+# Per supported optimizer type: its step and the group hyperparameters the step reads (torch
+# writes all of them in every parameter group).
+_SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+_ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
+_OPTIMIZERS: dict[str, tuple[Callable[..., Tensor], tuple[str, ...]]] = {
+    "SGD": (sgd_step, _SGD_KEYS),
+    "Adam": (adam_step, _ADAM_KEYS),
+    "AdamW": (adam_step, _ADAM_KEYS),
+}
+_ADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}  # a parameter's Adam state, when it has one
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")  # shaped like the parameter
+_NUMBERS = ("lr", "eps", "weight_decay", "momentum", "dampening")  # group hyperparameters
+_FLAGS = ("amsgrad", "nesterov", "maximize", "decoupled_weight_decay")
+
+
+_ALTERNATIVES = "use --update adam-fresh or --update sgd instead"  # to the recorded rule
+
+
+def check_record(record: OptimizerRecord | None, params: dict[str, Tensor], where: str) -> None:
+    """Raise unless ``record`` can drive the ``recorded`` rule on weights ``params`` (name ->
+    ``[*shape]``): :class:`ReplayError` for no record, an unsupported optimizer, a group without
+    its hyperparameters or an incomplete Adam state; :class:`RunDirError` for hyperparameters of
+    the wrong types or state tensors not shaped like their parameters."""
+    _checked_record(record, params, where)
+
+
+def _required(record: OptimizerRecord | None, where: str) -> OptimizerRecord:
+    """``record``; :class:`ReplayError` when there is none."""
     if record is None:
         raise ReplayError(
             f"{where} was recorded without optimizer state, which --update recorded needs "
-            f"(supported optimizers: {', '.join(SUPPORTED_OPTIMIZERS)}); {alternatives}"
+            f"(supported optimizers: {', '.join(_OPTIMIZERS)}); {_ALTERNATIVES}"
         )
-    if record.type not in SUPPORTED_OPTIMIZERS:
+    return record
+
+
+def _checked_record(record: OptimizerRecord | None, params: dict[str, Tensor], where: str) -> OptimizerRecord:
+    """:func:`check_record`, returning ``record``."""
+    supported = ", ".join(_OPTIMIZERS)
+    record = _required(record, where)
+    if record.type not in _OPTIMIZERS:
         raise ReplayError(
             f"{where}: optimizer {record.type!r} is not supported by --update recorded "
-            f"(supported: {', '.join(SUPPORTED_OPTIMIZERS)}); {alternatives}"
+            f"(supported: {supported}); {_ALTERNATIVES}"
         )
+    for group in record.groups:
+        missing = [k for k in _OPTIMIZERS[record.type][1] if k not in group]
+        if missing:
+            raise ReplayError(f"{where}: {record.type} parameter group lacks hyperparameters {missing}")
+        betas = group.get("betas", (0.0, 0.0))
+        if not (
+            all(is_number(group[k]) for k in _NUMBERS if k in group)
+            and all(isinstance(group[k], bool) for k in _FLAGS if k in group)
+            and isinstance(betas, list | tuple)
+            and len(betas) == 2
+            and all(is_number(b) for b in betas)
+        ):
+            raise RunDirError(
+                f"{where}: malformed optimizer hyperparameters { ({k: group[k] for k in group if k != 'params'}) }"
+            )
+    group_of = {name: group for group in record.groups for name in group["params"]}
+    for name, state in record.state.items():
+        for key in _STATE_KEYS:
+            if key in state and name in params and state[key].shape != params[name].shape:
+                raise RunDirError(
+                    f"{where}: optimizer state {key!r} of {name!r} has shape {tuple(state[key].shape)}, "
+                    f"the parameter {tuple(params[name].shape)}"
+                )
+        if record.type != "SGD" and state and name in group_of:
+            required = _ADAM_STATE | ({"max_exp_avg_sq"} if group_of[name]["amsgrad"] else set())
+            if not required <= state.keys():
+                raise ReplayError(f"{where}: Adam state of {name!r} lacks {sorted(required - state.keys())}")
+    return record
 
 
-def _hyperparameters(record: OptimizerRecord, group: dict[str, Any], where: str) -> dict[str, Any]:
-    """The keyword arguments of :func:`sgd_step` / :func:`adam_step` from one recorded group."""
-    keys = _SGD_KEYS if record.type == "SGD" else _ADAM_KEYS
-    missing = [k for k in keys if k not in group]
-    if missing:
-        raise ReplayError(f"{where}: {record.type} parameter group lacks hyperparameters {missing}")
-    hyper = {k: group[k] for k in keys}
-    if record.type != "SGD":
+def _hyperparameters(record_type: str, group: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :func:`sgd_step` / :func:`adam_step` from one checked group."""
+    hyper = {k: group[k] for k in _OPTIMIZERS[record_type][1]}
+    if record_type != "SGD":
         hyper["betas"] = tuple(hyper["betas"])
-        hyper["decoupled_weight_decay"] = record.type == "AdamW" or bool(group.get("decoupled_weight_decay"))
+        hyper["decoupled_weight_decay"] = record_type == "AdamW" or bool(group.get("decoupled_weight_decay"))
     return hyper
 
 
 def recorded_update(
     params: dict[str, Tensor], grads: dict[str, Tensor], record: OptimizerRecord | None
 ) -> dict[str, Tensor]:
-    """The ``recorded`` rule: the recorded optimizer's next step on each probe alone."""
-    check_optimizer(record, "the snapshot")
-    step = adam_step if record.type in ("Adam", "AdamW") else sgd_step
+    """The ``recorded`` rule: the recorded optimizer's next step on each probe alone (params
+    ``[*shape]``, grads ``[B, *shape]`` -> U ``[B, *shape]`` per name)."""
+    record = _checked_record(record, params, "the snapshot")
+    step = _OPTIMIZERS[record.type][0]
     group_of = {name: group for group in record.groups for name in group["params"]}
-    updates = {}
-    for name, w in params.items():
-        if name not in group_of:
-            updates[name] = torch.zeros_like(grads[name])
-            continue
-        hyper = _hyperparameters(record, group_of[name], f"parameter {name!r}")
-        state = record.state.get(name, {})
-        required = _ADAM_STATE | ({"max_exp_avg_sq"} if hyper.get("amsgrad") else set())
-        if step is adam_step and state and not required <= state.keys():
-            raise ReplayError(f"parameter {name!r}: Adam state lacks {sorted(required - state.keys())}")
-        updates[name] = step(w, grads[name], state, **hyper)
-    return updates
+    return {
+        name: step(
+            w, grads[name], record.state.get(name, {}), **_hyperparameters(record.type, group_of[name])
+        )
+        if name in group_of
+        else torch.zeros_like(grads[name])
+        for name, w in params.items()
+    }
 
 
-def gradient_scale(config: UpdateConfig) -> float | None:
-    """``c`` where the rule's update is the gradient scaled by one number, ``U = c * g`` (``sgd``
-    without weight decay: ``c = -lr``), else None. The engine then differentiates ``c`` times each
-    probe's loss and takes those gradients as the updates: no pass over ``P`` copies of the
-    weights to scale them (they agree with ``-lr * g`` to a rounding of the working dtype)."""
-    return -config.lr if config.rule == "sgd" and config.weight_decay == 0 else None
+def recorded_optimizer(config: UpdateConfig, record: OptimizerRecord | None) -> OptimizerFactory:
+    """The recorded optimizer as a real one: ``torch.optim.<type>`` over the model's parameters with
+    the recorded groups, its state loaded (copies) by parameter name."""
+    record = _required(record, "the snapshot")
+
+    def make(model: nn.Module) -> torch.optim.Optimizer:
+        params = dict(model.named_parameters())
+        groups = [
+            {k: v for k, v in group.items() if k != "params"}
+            | {"params": [params[n] for n in group["params"]]}
+            for group in record.groups
+        ]
+        optimizer = getattr(torch.optim, record.type)(groups)
+        for name, state in record.state.items():
+            optimizer.state[params[name]] = {k: v.clone() for k, v in state.items()}
+        return optimizer
+
+    return make
 
 
-def update_rule(config: UpdateConfig) -> UpdateRule:
-    """The update rule named by ``config.rule`` (see the module docstring)."""
-    if config.rule == "recorded":
-        return recorded_update
-    if config.rule == "sgd":
+# ----------------------------------------------------------------------------- the rules
 
-        def sgd(params, grads, record):
-            return {
-                k: sgd_step(w, grads[k], {}, lr=config.lr, weight_decay=config.weight_decay)
-                for k, w in params.items()
-            }
 
-        return sgd
+def _sgd(config: UpdateConfig) -> UpdateRule:
+    def sgd(params, grads, record):
+        return {
+            k: sgd_step(w, grads[k], {}, lr=config.lr, weight_decay=config.weight_decay)
+            for k, w in params.items()
+        }
 
+    return sgd
+
+
+def _adam_fresh(config: UpdateConfig) -> UpdateRule:
     def adam_fresh(params, grads, record):
         return {
             k: adam_step(w, grads[k], {}, lr=config.lr, betas=config.betas, eps=config.eps)
@@ -214,3 +329,55 @@ def update_rule(config: UpdateConfig) -> UpdateRule:
         }
 
     return adam_fresh
+
+
+register(
+    Rule(
+        "sgd",
+        "-lr * (g + weight_decay * w), one step of torch.optim.SGD without momentum",
+        settings=("lr", "weight_decay"),
+        build=_sgd,
+        reference=lambda c, record: (
+            lambda m: torch.optim.SGD(m.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        ),
+        scale=lambda c: -c.lr if c.weight_decay == 0 else None,
+    )
+)
+register(
+    Rule(
+        "adam-fresh",
+        "one step of a brand-new torch.optim.Adam, about -lr * g / (|g| + eps): the paper's rule",
+        settings=("lr", "eps", "betas"),
+        build=_adam_fresh,
+        reference=lambda c, record: (
+            lambda m: torch.optim.Adam(m.parameters(), lr=c.lr, betas=c.betas, eps=c.eps)
+        ),
+    )
+)
+register(
+    Rule(
+        "recorded",
+        f"the training optimizer's own next step from its recorded state ({', '.join(_OPTIMIZERS)})",
+        settings=(),
+        build=lambda config: recorded_update,
+        reference=recorded_optimizer,
+        check=check_record,
+    )
+)
+
+
+# ----------------------------------------------------------------------------- the engine's API
+
+
+def update_rule(config: UpdateConfig) -> UpdateRule:
+    """The update rule named by ``config.rule`` (see the module docstring)."""
+    return RULES[config.rule].build(config)
+
+
+def gradient_scale(config: UpdateConfig) -> float | None:
+    """``c`` where the rule's update is the gradient scaled by one number, ``U = c * g`` (``sgd``
+    without weight decay: ``c = -lr``), else None. The engine then differentiates ``c`` times each
+    probe's loss and takes those gradients as the updates: no pass over ``P`` copies of the
+    weights to scale them (they agree with ``-lr * g`` to a rounding of the working dtype)."""
+    scale = RULES[config.rule].scale
+    return None if scale is None else scale(config)

@@ -1,4 +1,4 @@
-"""Analyses on synthetic replay stores written in the README's zarr layout, with known values."""
+"""Analyses on synthetic replay stores, written through the replay store's writer, with known values."""
 
 from __future__ import annotations
 
@@ -8,107 +8,18 @@ import numpy as np
 import pytest
 import zarr
 
-from analyses.classpairs import STATS, aggregate
 from analyses.curves import measure_curves
 from analyses.report import analyze, format_table
 from analyses.results import load_results
 from recorder.rundir.errors import ResultsError
-from recorder.rundir.files import atomic_write_json
-from recorder.rundir.spec import ModelSpec, RunSpec
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def make_run_dir(path, task="classification", metrics=()):
-    """A run directory with ``spec.json`` and ``metrics.jsonl`` (no snapshots: analyses need none)."""
-    path.mkdir(parents=True, exist_ok=True)
-    loss = "cross_entropy" if task == "classification" else "mse"
-    spec = RunSpec(
-        ModelSpec("mlp", {"in_features": 4, "num_outputs": 3}), task=task, loss=loss, num_outputs=3
-    )
-    atomic_write_json(path / "spec.json", spec.to_json())
-    (path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metrics))
-    return path
-
-
-def write_store(
-    path,
-    measures,
-    targets,
-    done,
-    steps,
-    classes=None,
-    include_self=False,
-    classpairs=None,
-    config=None,
-):
-    """Write a replay store as README.md's table says.
-
-    ``measures``: name -> ``[S, P, P]``; ``targets``: int ``[P]`` (classification) or float
-    ``[P, C]``; ``classpairs``: name -> stat -> ``[S, K, K]``, default ``aggregate`` of the measures
-    (classification only).
-    """
-    group = zarr.open_group(path, mode="w")
-    targets = np.asarray(targets)
-    S, P = len(done), len(targets)
-    C = targets.shape[1] if targets.ndim == 2 else 3
-
-    def put(key, data, dims):
-        data = np.asarray(data)
-        arr = group.create_array(key, shape=data.shape, dtype=data.dtype, dimension_names=dims)
-        arr[...] = data
-
-    put("step", np.asarray(steps, dtype=np.int64), ("snapshot",))
-    put("epoch", np.asarray(steps, dtype=np.int64) // 10, ("snapshot",))
-    put("done", np.asarray(done, dtype=bool), ("snapshot",))
-    put("probe_targets", targets, ("probe",) if targets.ndim == 1 else ("probe", "output"))
-    put("base_outputs", np.zeros((S, P, C)), ("snapshot", "probe", "output"))
-    put("probe_loss", np.ones((S, P)), ("snapshot", "probe"))
-    put("update_norm", np.ones((S, P)), ("snapshot", "probe"))
-    put("error_estimate", np.full(S, 1e-6), ("snapshot",))
-    for m, values in measures.items():
-        put(f"measures/{m}", np.asarray(values, dtype=np.float64), ("snapshot", "updated", "observed"))
-    if targets.ndim == 1:
-        K = len(classes)
-        for m, values in measures.items():
-            for stat in STATS:
-                A = (
-                    classpairs[m][stat]
-                    if classpairs is not None
-                    else aggregate(values, targets, K, include_self, stat)
-                )
-                put(f"classpairs/{m}/{stat}", A, ("snapshot", "observed_class", "updated_class"))
-    group.attrs.update(
-        {
-            "config": config or {"update": {"rule": path.name.removesuffix(".zarr"), "lr": 1e-4}},
-            "run_spec": {"task": "classification" if targets.ndim == 1 else "regression"},
-            "measures": list(measures),
-            "classes": classes,
-            "include_self": include_self,
-            "dtype": "float64",
-        }
-    )
-
-
-LABELS6 = np.array([0, 0, 1, 1, 2, 2])
-# B[a, b]: the value of S[i, j] for class(j) = a (observed), class(i) = b (updated), i != j.
-B0 = np.array([[2.0, 1, 1], [1, 4, 2], [1, 1, 3]])
-B1 = np.array([[3.0, 2, 1], [1, 5, 1], [2, 2, 6]])
-
-
-def block_matrix(B, labels):
-    """``[P, P]`` with ``S[i, j] = B[class(j), class(i)]`` off the diagonal and 1 on it."""
-    S = B[labels[None, :], labels[:, None]].astype(np.float64)
-    np.fill_diagonal(S, 1.0)
-    return S
+from replay.classpairs import STATS
+from tests.helpers import B0, B1, LABELS6, block_matrix, make_run_dir, write_store
 
 
 def block_store(path, **kw):
-    """Snapshots at steps 0, 9, 18; step 9 is not done and holds huge values."""
+    """Snapshots at steps 0, 9, 18; step 9 is not done (its huge values are never stored)."""
     kl = np.stack([block_matrix(B0, LABELS6), np.full((6, 6), 1000.0), block_matrix(B1, LABELS6)])
-    write_store(
-        path, {"kl": kl}, LABELS6, done=[True, False, True], steps=[0, 9, 18], classes=[0, 1, 2], **kw
-    )
+    write_store(path, {"kl": kl}, LABELS6, done=[True, False, True], steps=[0, 9, 18], **kw)
 
 
 # Time-averaged A[b, b] / mean_{a != b} A[a, b] over the done snapshots, by hand.
@@ -168,9 +79,7 @@ def test_separation_auc_curve_equals_hand_computed(tmp_path):
             snapshot(5, [5, 5, 1, 1, 1, 1, 1, 1]),  # beats 6, ties 2: (6 + 2 / 2) / 8
         ]
     )
-    write_store(
-        tmp_path / "s.zarr", {"kl": kl}, labels, [True, True, False, True], [0, 5, 10, 15], classes=[0, 1]
-    )
+    write_store(tmp_path / "s.zarr", {"kl": kl}, labels, [True, True, False, True], [0, 5, 10, 15])
     (result,) = load_results(tmp_path)
     curves = measure_curves(result, "kl")
     np.testing.assert_array_equal(curves.steps, [0, 5, 15])
@@ -188,10 +97,8 @@ def test_analyze_writes_figures_summary_report_and_comparison(tmp_path):
     labels = np.array([0, 0, 1, 1, 2, 2])
     for name in ("adam-fresh", "recorded"):
         measures = {m: rng.uniform(0.1, 2.0, size=(3, 6, 6)) for m in ("kl", "orig_probs_l2")}
-        write_store(run / f"{name}.zarr", measures, labels, [True] * 3, [0, 10, 20], classes=[0, 1, 2])
-    write_store(
-        run / "partial.zarr", {"kl": np.ones((2, 6, 6))}, labels, [False, False], [0, 10], classes=[0, 1, 2]
-    )
+        write_store(run / f"{name}.zarr", measures, labels, [True] * 3, [0, 10, 20])
+    write_store(run / "partial.zarr", {"kl": np.ones((2, 6, 6))}, labels, [False, False], [0, 10])
 
     summary = analyze(run)
     out = run / "analysis"

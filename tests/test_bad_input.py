@@ -29,7 +29,7 @@ from recorder.rundir.run import RunWriter
 from recorder.rundir.spec import ModelSpec, RunSpec
 from replay import ReplayWarning
 from replay.store import exclusive_writer
-from tests.test_replay_helpers import make_model, make_probes, make_run, run_spec, snapshot
+from tests.helpers import make_model, make_probes, make_run, run_spec, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--measures", "kl,orig_probs_l2", "--no-progress"]

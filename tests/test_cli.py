@@ -5,16 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
 from cli import main
 
 COMMANDS = ["presets", "record", "replay", "analyze", "demo", "theory"]
 
 
-@pytest.fixture
-def runner() -> CliRunner:
-    return CliRunner()
 
 
 @pytest.mark.parametrize("command", [[]] + [[c] for c in COMMANDS])
@@ -75,3 +71,41 @@ def test_record_replay_analyze_end_to_end(runner, tmp_path):
     result = runner.invoke(main, ["record", "digits", str(run), "--set", "epochs=1"])
     assert result.exit_code == 1 and result.output.startswith("Error: ")
     assert (run / "manifest.json").read_bytes() == before
+
+
+def test_replay_options_come_from_the_config_dataclasses(runner):
+    from cli import config_from
+    from replay.config import ReplayConfig, UpdateConfig
+
+    command = main.commands["replay"]
+    defaults = command.make_context("replay", ["run"]).params
+    assert config_from(ReplayConfig, defaults) == ReplayConfig()
+    args = ["run", "--update", "sgd", "--lr", "0.5", "--weight-decay", "0.1", "--measures", "kl, seed_kl"]
+    args += ["--memory-budget", "512MiB", "--strategy", "loop", "--include-self", "--name", "x"]
+    config = config_from(ReplayConfig, command.make_context("replay", args).params)
+    assert config == ReplayConfig(
+        UpdateConfig("sgd", lr=0.5, weight_decay=0.1),
+        measures=("kl", "seed_kl"),
+        memory_budget=512 << 20,
+        strategy="loop",
+        include_self=True,
+        name="x",
+    )
+    betas = command.make_context("replay", ["run", "--betas", "0.5", "0.9"]).params["betas"]
+    assert betas == (0.5, 0.9)
+    result = runner.invoke(main, ["replay", "--help"])
+    assert "SPEC" not in result.output and "--update [sgd|adam-fresh|recorded]" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["replay", "x", "--update", "recorded", "--lr", "0.1"], "the recorded rule does not read it"),
+        (["replay", "x", "--update", "sgd", "--eps", "1e-6"], "its settings: --lr, --weight-decay"),
+        (["replay", "x", "--lr", "0"], "lr must be positive"),
+        (["bench", "--update", "recorded"], "'recorded' is not one of 'sgd', 'adam-fresh'"),
+    ],
+)
+def test_settings_a_rule_cannot_take_are_usage_errors(runner, args, message):
+    result = runner.invoke(main, args)
+    assert result.exit_code == 2 and message in result.output, result.output

@@ -26,20 +26,14 @@ import zarr
 from recorder import ModelSpec, Recorder, RunDir, RunDirError, Schedule
 from recorder.models import build_model
 from replay import ReplayConfig, UpdateConfig, replay
-from tests.test_replay_helpers import make_run, wait_for_writers
+from tests.helpers import make_run, wait_for_writers
 
 CONFIG = ReplayConfig(UpdateConfig("recorded"), measures=("orig_probs_l2", "kl", "linear"))
 FORK = multiprocessing.get_context("fork")
 TRIALS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Replays in this process and its forks all run on one thread (and forks need it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -122,6 +116,7 @@ def _replay_killed_at_write(run: Path, name: str, k: int) -> None:
     os._exit(3)  # the replay ended before its k-th write
 
 
+@pytest.mark.slow
 def test_replay_killed_at_random_moments_resumes_to_the_uninterrupted_result(run, reference):
     name, store = "random-kills", run / "random-kills.zarr"
     rng, num = random.Random(7), len(reference["done"])
@@ -139,6 +134,7 @@ def test_replay_killed_at_random_moments_resumes_to_the_uninterrupted_result(run
         np.testing.assert_array_equal(values, reference[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_replay_killed_inside_a_chunk_write_leaves_nothing_half_written(run, reference):
     writes = []
     rename = pathlib.Path.replace
@@ -205,6 +201,7 @@ def _flat(value) -> list[torch.Tensor]:
     return [value] if isinstance(value, torch.Tensor) else [value[k] for k in sorted(value)]
 
 
+@pytest.mark.slow
 def test_recorder_killed_at_random_moments_keeps_every_listed_snapshot(tmp_path):
     assert run_forked(_record, tmp_path / "reference") == 0
     full = RunDir(tmp_path / "reference")

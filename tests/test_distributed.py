@@ -16,7 +16,7 @@ import zarr
 
 from replay import ReplayConfig, ReplayError, UpdateConfig, replay
 from replay.distributed import Ranks, join
-from tests.test_replay_helpers import make_run
+from tests.helpers import make_run
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURES = ("orig_logits_l2", "orig_probs_l2", "kl", "seed_kl", "linear")
@@ -42,15 +42,9 @@ def read_store(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, dict(group.attrs)
 
 
-@pytest.fixture
-def one_thread():
-    """The single-process reference on one thread too, as each torchrun rank."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_two_cpu_ranks_give_the_single_process_store_bit_for_bit(tmp_path, one_thread):
     run = make_run(tmp_path / "run", steps=(0, 1, 2, 3, 4), optimizer_cls=torch.optim.AdamW)
     config = ReplayConfig(UpdateConfig("recorded"), measures=MEASURES, name="single")
@@ -68,6 +62,7 @@ def test_two_cpu_ranks_give_the_single_process_store_bit_for_bit(tmp_path, one_t
     assert attrs == expected_attrs | {"config": expected_attrs["config"] | {"name": "ranks"}}
 
 
+@pytest.mark.slow
 def test_a_failing_rank_stops_every_rank_with_its_message(tmp_path):
     run = make_run(tmp_path / "run", steps=(0, 1, 2, 3))
     bad = run / "snapshots" / "step_00000003.safetensors"  # index 3: rank 1's share

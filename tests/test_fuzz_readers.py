@@ -25,7 +25,7 @@ from recorder.rundir.snapshot import SnapshotEntry, decode_snapshot
 from recorder.rundir.spec import RunSpec
 from replay import ReplayConfig, ReplayError, replay
 from replay.store import ReplayStore
-from tests.test_replay_helpers import make_run
+from tests.helpers import make_run
 
 FUZZ = settings(
     max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]

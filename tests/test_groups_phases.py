@@ -19,7 +19,7 @@ from recorder.rundir.errors import RunDirError
 from recorder.rundir.files import atomic_write_json
 from recorder.rundir.group import read_group, record_group
 from recorder.rundir.spec import ModelSpec, RunSpec
-from tests.test_analyses import B0, B1, LABELS6, block_matrix, write_store
+from tests.helpers import B0, B1, LABELS6, block_matrix, write_store
 
 SQRT2 = np.sqrt(2)
 
@@ -180,7 +180,6 @@ def paper_group(path):
                 "targets": LABELS6,
                 "done": done,
                 "steps": [0, 9, 18],
-                "classes": [0, 1, 2],
             }
         }
 

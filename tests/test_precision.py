@@ -15,7 +15,7 @@ from replay.bench import make_case
 from replay.config import ReplayConfig, UpdateConfig
 from replay.difference import ChangePropagator
 from replay.engine import Engine
-from tests.test_replay_helpers import make_model, make_probes, run_spec, snapshot, train_steps
+from tests.helpers import make_model, make_probes, run_spec, snapshot, train_steps
 
 BAR = 1e-3
 COMPARED = ("orig_logits_l2", "orig_probs_l2", "kl", "linear")
@@ -26,17 +26,26 @@ def frobenius_error(approx, exact):
     return max(((approx[m].double() - exact[m]).norm() / exact[m].norm()).item() for m in COMPARED)
 
 
+PROBES = {"digits": 20, "small_cnn": 10, "resnet18": 3}
+# ResNet-18 cases are heavy: in the slow set only
+NAMES = ["digits", "small_cnn", pytest.param("resnet18", marks=pytest.mark.slow)]
+
+
 @pytest.fixture(scope="module")
 def cases():
     """The digits MLP (P = 20), small_cnn on digits (P = 10) and ResNet-18 on 32x32 images (P = 3),
-    each after a little training, as the benchmark builds them."""
-    return {
-        name: make_case(name, probes) for name, probes in (("digits", 20), ("small_cnn", 10), ("resnet18", 3))
-    }
+    each after a little training, as the benchmark builds them (each built on first use)."""
+
+    class Cases(dict):
+        def __missing__(self, name):
+            self[name] = make_case(name, PROBES[name])
+            return self[name]
+
+    return Cases()
 
 
 @pytest.mark.parametrize("rule", list(RULES))
-@pytest.mark.parametrize("name", ["digits", "small_cnn", "resnet18"])
+@pytest.mark.parametrize("name", NAMES)
 def test_default_mode_is_within_the_bar_of_float64_and_says_so(cases, name, rule):
     case = cases[name]
     config = ReplayConfig(RULES[rule], measures=COMPARED, precision="auto")

@@ -48,11 +48,11 @@ def test_regression_preset_records_a_run_group(tmp_path, preset, settings, dim, 
 
 
 def test_teacher_data_are_standardized_and_the_same_in_every_run():
-    from recorder.presets.regression import TeacherConfig, teacher_data
+    from recorder.presets.regression import TeacherConfig, regression_data
 
     a, b = (
-        teacher_data(TeacherConfig(n_per_class=50, seed=0)),
-        teacher_data(TeacherConfig(n_per_class=50, seed=3)),
+        regression_data(TeacherConfig(n_per_class=50, seed=0)),
+        regression_data(TeacherConfig(n_per_class=50, seed=3)),
     )
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_train, b.y_train)
     assert a.x_train.shape == (80, 10) and a.y_train.shape == (80, 1)

@@ -73,6 +73,7 @@ def raw_train_images(preset, root):
     return data, np.concatenate([b[key] for b in batches])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", list(DATASET))
 def test_vision_preset_records_a_run_group_from_torchvision_files(tmp_path, monkeypatch, preset):
     root = tmp_path / "data"

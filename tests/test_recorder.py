@@ -23,7 +23,7 @@ from recorder.models import build_model, register_model
 from recorder.presets import PRESETS, apply_overrides
 from recorder.training import train
 from recorder.writer import MAX_SLOTS, MIN_SLOTS, ROWS_PER_MESSAGE, SLOT_MEMORY, WriterProcess
-from tests.test_replay_helpers import wait_for_writers
+from tests.helpers import wait_for_writers
 
 
 @register_model("test_bn_mlp")
@@ -239,6 +239,7 @@ def _train_until_killed(run_dir: Path, ready) -> None:
                 ready.set()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_leaves_only_complete_listed_snapshots(tmp_path):
     ctx = multiprocessing.get_context("fork")  # a fresh interpreter would spend seconds importing torch
     rng = random.Random(1234)

@@ -55,3 +55,35 @@ def test_every_field_has_help():
 def test_invalid_configurations_raise_replay_error(make, message):
     with pytest.raises(ReplayError, match=message):
         make()
+
+
+def test_rule_choices_settings_and_checks_come_from_the_registry(monkeypatch):
+    import torch
+
+    from replay.updates import RULES, Rule, sgd_step
+
+    assert ReplayConfig(UpdateConfig("sgd", lr=0.1)).identity()["update"] == {
+        "rule": "sgd",
+        "lr": 0.1,
+        "weight_decay": 0.0,
+    }
+    assert UpdateConfig("recorded").effective() == {"rule": "recorded"}
+    half = Rule(
+        "half-sgd",
+        "half an sgd step",
+        settings=("lr", "weight_decay"),
+        build=lambda c: (
+            lambda params, grads, record: {
+                k: sgd_step(w, grads[k], {}, lr=c.lr / 2, weight_decay=c.weight_decay)
+                for k, w in params.items()
+            }
+        ),
+        reference=lambda c, record: lambda m: torch.optim.SGD(m.parameters(), lr=c.lr / 2),
+    )
+    monkeypatch.setitem(RULES, "half-sgd", half)
+    config = UpdateConfig("half-sgd", lr=0.2, weight_decay=0.1)  # weight_decay: it reads it
+    assert config.effective() == {"rule": "half-sgd", "lr": 0.2, "weight_decay": 0.1}
+    with pytest.raises(ReplayError, match="weight_decay applies to the 'sgd' and 'half-sgd' rules only"):
+        UpdateConfig("adam-fresh", weight_decay=0.1)
+    with pytest.raises(ReplayError, match="not one of sgd, adam-fresh, recorded, half-sgd"):
+        UpdateConfig("momentum")

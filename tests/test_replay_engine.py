@@ -11,10 +11,11 @@ import torch.nn.functional as F
 
 from recorder.rundir.errors import ReplayError, ReplayWarning
 from replay.config import ReplayConfig, UpdateConfig
-from replay.engine import Engine, per_sample_grads
+from replay.engine import Engine
+from replay.grads import per_sample_grads
 from replay.reference import plain_changes, plain_measures
 from replay.updates import update_rule
-from tests.test_replay_helpers import make_model, make_probes, run_spec, snapshot, train_steps
+from tests.helpers import make_model, make_probes, run_spec, snapshot, train_steps
 
 EPS = 1e-8
 

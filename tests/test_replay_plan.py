@@ -22,7 +22,7 @@ from replay.plan import (
     default_memory_budget,
     rows_per_chunk,
 )
-from tests.test_replay_helpers import make_model, make_probes, run_spec, snapshot
+from tests.helpers import make_model, make_probes, run_spec, snapshot
 
 SMALL = ModelFacts(num_params=1000, activations=10, traceable=True)
 
@@ -104,7 +104,7 @@ def test_engine_reports_its_plan_and_honours_a_configured_strategy():
 def test_the_error_check_stays_a_fraction_of_the_pass_at_small_p():
     """One checked row per CHECK_SHARE probes (at least one, at most CHECK_ROWS); with few probes the
     check covers every probe (sharing the pass's float64 evaluation) and stays honest."""
-    from replay.engine import CHECK_ROWS, CHECK_SHARE, check_rows
+    from replay.check import CHECK_ROWS, CHECK_SHARE, check_rows
 
     assert [check_rows(p) for p in (1, 3, 8, 16, 31, 32, 48)] == [1, 1, 1, 1, 1, 2, 3]
     assert check_rows(CHECK_ROWS * CHECK_SHARE) == check_rows(1000) == CHECK_ROWS

@@ -11,12 +11,13 @@ import torch
 import zarr
 
 import replay.store as replay_store
-from analyses.classpairs import aggregate
 from recorder.rundir.errors import RunDirError
 from recorder.rundir.run import RunDir, RunWriter
 from replay import ReplayConfig, ReplayError, ReplayWarning, UpdateConfig, replay
+from replay.classpairs import aggregate
 from replay.engine import Engine
-from tests.test_replay_helpers import make_model, make_probes, make_run, run_spec, snapshot
+from replay.store import open_store
+from tests.helpers import make_model, make_probes, make_run, run_spec, snapshot
 
 MEASURES = ("orig_logits_l2", "orig_probs_l2", "kl", "seed_kl", "linear")
 CONFIG = ReplayConfig(UpdateConfig("recorded"), measures=MEASURES, precision="float64")
@@ -120,7 +121,7 @@ def test_resume_after_a_failure_between_snapshots_equals_an_uninterrupted_replay
     with pytest.raises(KeyboardInterrupt):
         replay(run, config, progress=False)
     path = run / "killed-between.zarr"
-    assert list(zarr.open_group(path, mode="r")["done"][:]) == [True, False, False]
+    assert open_store(path).done.tolist() == [True, False, False]
     monkeypatch.setattr(Engine, "replay_snapshot", original)
     replay(run, config, progress=False)
     assert_same_arrays(path, reference)
@@ -139,9 +140,9 @@ def test_resume_after_a_failure_inside_a_snapshot_equals_an_uninterrupted_replay
     monkeypatch.setattr(replay_store, "aggregate", dies_on_second_snapshot)
     with pytest.raises(KeyboardInterrupt):
         replay(run, config, progress=False)
-    group = zarr.open_group(run / "killed-inside.zarr", mode="r")
-    assert list(group["done"][:]) == [True, False, False]
-    assert not np.isnan(group[f"measures/{MEASURES[0]}"][1]).any()  # partly written, not done
+    store = open_store(run / "killed-inside.zarr")
+    assert store.done.tolist() == [True, False, False]
+    assert not np.isnan(store.measures[MEASURES[0]].read([1])).any()  # partly written, not done
     monkeypatch.setattr(replay_store, "aggregate", aggregate)
     replay(run, config, progress=False)
     assert_same_arrays(run / "killed-inside.zarr", reference)
@@ -173,7 +174,7 @@ def test_side_by_side_stores_and_a_grown_manifest(tmp_path):
     grown = dict(manifest)
     (path / "manifest.json").write_text(json.dumps(manifest | {"snapshots": manifest["snapshots"][:2]}))
     partial = replay(path, config, progress=False)
-    assert zarr.open_group(partial, mode="r")["done"].shape == (2,)
+    assert open_store(partial).done.shape == (2,)
     (path / "manifest.json").write_text(json.dumps(grown))
     assert replay(path, config, progress=False) == partial == path / "adam-fresh.zarr"
     assert_same_arrays(partial, full)
@@ -204,10 +205,11 @@ def test_non_finite_snapshot_is_stored_as_nan_and_the_replay_goes_on(tmp_path):
     writer.add_snapshot(snapshot(model, 1))
     with pytest.warns(ReplayWarning, match="step 1"):
         path = replay(tmp_path / "run", ReplayConfig(measures=("kl",)), progress=False)
-    group = zarr.open_group(path, mode="r")
-    assert group["done"][:].all()
-    assert np.isfinite(group["measures/kl"][0]).all() and np.isnan(group["measures/kl"][1]).all()
-    assert np.isnan(group["classpairs/kl/mean"][1]).all() and np.isnan(group["error_estimate"][1])
+    store = open_store(path)
+    assert store.done.all()
+    kl = store.measures["kl"].read([0, 1])
+    assert np.isfinite(kl[0]).all() and np.isnan(kl[1]).all()
+    assert np.isnan(store.classpairs["kl"]["mean"].read([1])).all() and np.isnan(store.error_estimate[1])
 
 
 def test_regression_store_has_no_class_pairs(tmp_path):

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from recorder.losses import batch_loss
-from recorder.rundir.errors import ReplayError
+from recorder.rundir.errors import ReplayError, RunDirError
 from recorder.rundir.snapshot import OptimizerRecord
 from replay.config import UpdateConfig
-from replay.engine import per_sample_grads
+from replay.grads import per_sample_grads
 from replay.reference import stepped_copies
 from replay.updates import recorded_update, update_rule
-from tests.test_replay_helpers import make_model, make_probes, optimizer_record, train_steps
+from tests.helpers import make_model, make_probes, optimizer_record, train_steps
 
 
 def weights(model):
@@ -226,3 +226,64 @@ def test_per_sample_grads_can_return_the_outputs_of_their_pass():
         torch.testing.assert_close(outputs, model(x).detach(), rtol=0, atol=1e-6)
         plain = per_sample_grads(model, "cross_entropy", params, {}, x, y, strategy=strategy)
         assert all(torch.equal(grads[k], plain[k]) for k in plain)
+
+
+def _trained_adamw_record(model, x, y):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=True)
+    train_steps(model, optimizer, "cross_entropy", x, y, 3)
+    return optimizer_record(model, optimizer)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        UpdateConfig("sgd", lr=0.1, weight_decay=0.05),
+        UpdateConfig("adam-fresh", lr=1e-2, eps=1e-3, betas=(0.5, 0.9)),
+        UpdateConfig("recorded"),
+    ],
+    ids=lambda c: c.rule,
+)
+def test_every_registered_rule_equals_one_step_of_its_torch_optim_reference(config):
+    from replay.updates import RULES
+
+    assert config.rule in RULES
+    rule = RULES[config.rule]
+    model = make_model("mlp")
+    x, y = make_probes("mlp", per_class=2)
+    record = _trained_adamw_record(model, x, y) if rule.needs_state else None
+    params = weights(model)
+    mine = rule.build(config)(params, per_sample_grads(model, "cross_entropy", params, {}, x, y), record)
+    rows = [
+        {n: p.detach() - params[n] for n, p in clone.named_parameters()}
+        for clone in stepped_copies(model, rule.reference(config, record), "cross_entropy", x, y)
+    ]
+    assert_updates_equal(mine, {n: torch.stack([r[n] for r in rows]) for n in rows[0]}, model)
+
+
+def test_the_recorded_rules_check_is_the_one_the_replay_runs_on_each_snapshot():
+    from replay.updates import RULES
+
+    model = make_model("mlp")
+    x, y = make_probes("mlp", per_class=1)
+    record = _trained_adamw_record(model, x, y)
+    params = weights(model)
+    check = RULES["recorded"].check
+    check(record, params, "here")  # a complete record passes
+    assert RULES["sgd"].check is None and RULES["adam-fresh"].check is None
+    assert [name for name, rule in RULES.items() if rule.needs_state] == ["recorded"]
+    record.state["1.weight"]["exp_avg"] = torch.zeros(3)
+    with pytest.raises(RunDirError, match="here: optimizer state 'exp_avg' of '1.weight' has shape \\(3,\\)"):
+        check(record, params, "here")
+    with pytest.raises(ReplayError, match="without optimizer state"):
+        check(None, params, "here")
+
+
+def test_gradient_scale_is_the_rules_capability():
+    from replay.updates import gradient_scale
+
+    assert gradient_scale(UpdateConfig("sgd", lr=0.1)) == -0.1
+    assert gradient_scale(UpdateConfig("sgd", lr=0.1, weight_decay=0.01)) is None
+    assert (
+        gradient_scale(UpdateConfig("adam-fresh")) is None
+        and gradient_scale(UpdateConfig("recorded")) is None
+    )

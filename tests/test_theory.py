@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -19,17 +20,10 @@ from analyses.theory import (
     plot_family,
     sgd_store,
 )
+from recorder.datasets import theory_setup, two_gaussians
 from recorder.losses import batch_loss
 from recorder.models import build_model
-from recorder.presets.theory import (
-    HomogeneousConfig,
-    ReluGateConfig,
-    RidgeConfig,
-    RidgeP100Config,
-    record,
-    setup,
-    two_gaussians,
-)
+from recorder.presets.theory import HomogeneousConfig, ReluGateConfig, RidgeConfig, RidgeP100Config, record
 from recorder.rundir.errors import ResultsError, RunDirError
 from recorder.rundir.spec import ModelSpec
 from replay.config import ReplayConfig, UpdateConfig
@@ -40,13 +34,7 @@ REPLAY_LR = 1e-2  # large enough that the gate switches and the homogeneous step
 SMALL = {"n_per_class": 100, "probes_per_class": 5, "steps": 200, "snapshots": 8, "progress": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: extra threads only contend with the other jobs on the machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- closed forms vs torch
@@ -210,7 +198,7 @@ def test_replay_equals_the_closed_forms(replayed_runs, preset):
         ord = 1 if name.endswith("l1") else 2
         floor = np.stack(
             [
-                difference_floor(run, int(k), REPLAY_LR, run.config.weight_decay, 1e-8, S[s], ord)
+                difference_floor(run, int(k), REPLAY_LR, run.config["weight_decay"], 1e-8, S[s], ord)
                 for s, k in enumerate(result.steps)
             ]
         )
@@ -229,7 +217,7 @@ def test_recorded_gradient_descent_approaches_the_flow_linearly_in_the_step(tmp_
         )
         record(tmp_path / str(steps), config, preset="theory-ridge-p10")
         run = load_theory_run(tmp_path / str(steps))
-        s = setup(config)
+        s = theory_setup(asdict(config), config.model_spec())
         steps_recorded = np.array([e.step for e in run.run.manifest])
         recorded = np.stack([run.weights(int(k)) for k in steps_recorded])
         flow = run.model.flow(
@@ -247,7 +235,7 @@ def test_numerical_flow_matches_the_closed_form_flow():
     """The generic flow integrator (used for the gate and the homogeneous family) on the ridge
     objective reproduces the expm closed form."""
     config = RidgeConfig(n_per_class=50, probes_per_class=1)
-    s = setup(config)
+    s = theory_setup(asdict(config), config.model_spec())
     theory = RidgeFeatures.from_model(s.model)
     w0, x, y = theory.weights(s.model), s.x.numpy(), s.y.numpy()
     times = np.array([0.0, 0.01, 0.1, 1.0])
@@ -266,7 +254,9 @@ def test_numerical_flow_matches_the_closed_form_flow():
 def test_plot_family_with_a_run_and_without(replayed_runs, tmp_path):
     [with_run] = plot_family("relu-gate", tmp_path, run_dir=replayed_runs["theory-relu-gate"], num_times=20)
     assert with_run == tmp_path / "theory_relu-gate_run_theory-relu-gate.png"
-    [alone] = plot_family("homogeneous", tmp_path / "alone", num_times=10)
+    settings = {"theory-homogeneous": asdict(HomogeneousConfig())}
+    [alone] = plot_family("homogeneous", tmp_path / "alone", settings=settings, num_times=10)
+    assert alone == tmp_path / "alone" / "theory_homogeneous_theory-homogeneous.png"
     for path in (with_run, alone):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -274,6 +264,10 @@ def test_plot_family_with_a_run_and_without(replayed_runs, tmp_path):
 def test_plot_family_refuses_what_does_not_fit(replayed_runs, tmp_path):
     with pytest.raises(ValueError, match="unknown family"):
         plot_family("nope", tmp_path)
+    with pytest.raises(ValueError, match="without a run, pass the settings"):
+        plot_family("ridge", tmp_path)
+    with pytest.raises(ValueError, match="got theory-homogeneous"):
+        plot_family("ridge", tmp_path, settings={"theory-homogeneous": asdict(HomogeneousConfig())})
     with pytest.raises(RunDirError, match="'ridge' family, not 'homogeneous'"):
         plot_family("homogeneous", tmp_path, run_dir=replayed_runs["theory-ridge-p10"])
     with pytest.raises(ResultsError, match="--update sgd"):

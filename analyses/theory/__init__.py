@@ -9,8 +9,8 @@ training objective and its gradient flow (:meth:`flow`); derivations in the modu
 - ``relu-gate`` (:mod:`analyses.theory.relu_gate`): ``relu(w . x)``; piecewise-exact step.
 - ``homogeneous`` (:mod:`analyses.theory.homogeneous`): ``<w^d, x>``; the step is a polynomial in ``lr``.
 
-:data:`FAMILIES` maps each name to its model class and the presets of
-:mod:`recorder.presets.theory` that train it. :func:`plot_family` draws S_rel along the flow
+:data:`FAMILIES` maps each name to its model class and the names of the ``theory-*`` presets
+that train it. :func:`plot_family` draws S_rel along the flow
 (``python cli.py theory FAMILY [--run RUN_DIR] [--out DIR]``); :mod:`analyses.theory.runs`
 evaluates the closed forms at the snapshots of a recorded run, for comparison with its replay.
 """

@@ -13,7 +13,7 @@ from analyses.theory.ridge import RidgeFeatures
 @dataclass(frozen=True)
 class Family:
     """A family: its closed forms (``model``, built from a torch module by ``model.from_model``) and
-    the presets of :mod:`recorder.presets.theory` that train it."""
+    the names of the ``theory-*`` presets that train it."""
 
     name: str
     model: type[TheoryModel]

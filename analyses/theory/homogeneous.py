@@ -30,6 +30,7 @@ import numpy as np
 from torch import nn
 
 from analyses.theory.base import TheoryModel
+from recorder.models import DiagonalHomogeneous
 
 
 class Homogeneous(TheoryModel):
@@ -45,6 +46,7 @@ class Homogeneous(TheoryModel):
 
     @classmethod
     def from_model(cls, model: nn.Module) -> Self:
+        assert isinstance(model, DiagonalHomogeneous), type(model)  # built by the factory
         return cls(model.d)
 
     def forward(self, w, x):

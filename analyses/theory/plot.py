@@ -11,18 +11,20 @@ pairs excluded), then ``same`` = the mean of ``A[a, a]`` and ``cross`` = the mea
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from analyses.classpairs import aggregate
 from analyses.plots import _figure, _scale_y
 from analyses.theory.base import EPS, TheoryModel, s_rel
 from analyses.theory.families import FAMILIES
 from analyses.theory.runs import TheoryRun, load_theory_run, sgd_store
-from recorder.presets.theory import PRESET_CONFIGS, setup
+from recorder.datasets import theory_model_spec, theory_setup
 from recorder.rundir.errors import RunDirError
+from replay.classpairs import aggregate
 
 NUM_CLASSES = 2  # the mixture of SPEC §6.1
 MARKERS = {"orig_outputs_l2": "o", "linear": "x"}  # replayed measures laid over the closed form
@@ -90,21 +92,24 @@ def plot_family(
     out_dir: str | Path,
     run_dir: str | Path | None = None,
     *,
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
     store: str = "sgd",
     num_times: int = 200,
 ) -> list[Path]:
     """Draw the closed-form S_rel (same- and cross-class pairs) and the loss along gradient flow.
 
-    Without ``run_dir``: one figure per preset of the family (``FAMILIES[family].presets``), from
-    the preset's initial weights, data and probes, with the virtual step equal to the preset's
-    gradient-descent step (``lr``, ``weight_decay``). With ``run_dir`` (a run recorded by a preset of
+    Without ``run_dir``: one figure per preset of ``settings`` (preset of the family -> its settings,
+    as a run of it stores them in ``spec.json`` ``extra.config``), from the initial weights, data and
+    probes of those settings, with the virtual step equal to their gradient-descent step (``lr``,
+    ``weight_decay``). With ``run_dir`` (a run recorded by a preset of
     this family): the flow starts from the recorded step-0 weights, the virtual step is that of the
     replay store ``RUN_DIR/<store>.zarr`` (an ``sgd`` replay), and the replayed ``orig_outputs_l2``
     and ``linear`` of every snapshot, and the objective at the recorded weights, are laid over the
     curves at ``t = step * lr``.
 
     Writes ``theory_<family>_<preset or run directory name>.png`` into ``out_dir`` (created) and
-    returns their paths. Raises ``ValueError`` for an unknown family and
+    returns their paths. Raises ``ValueError`` for an unknown family or, without ``run_dir``, missing
+    ``settings`` or settings of a preset not of the family, and
     :class:`~recorder.runfiles.RunDirError` for a run (or store) that does not fit.
     """
     if family not in FAMILIES:
@@ -113,7 +118,15 @@ def plot_family(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if run_dir is None:
-        return [_plot_preset(family, preset, out_dir, num_times) for preset in fam.presets]
+        foreign = [p for p in settings or {} if p not in fam.presets]
+        if not settings or foreign:
+            raise ValueError(
+                f"without a run, pass the settings of presets of the {family!r} family "
+                f"({', '.join(fam.presets)}); got {', '.join(settings or {}) or 'none'}"
+            )
+        return [
+            _plot_preset(family, preset, config, out_dir, num_times) for preset, config in settings.items()
+        ]
     run = load_theory_run(run_dir)
     if run.family is not fam:
         raise RunDirError(f"{run.run.path}: a run of the {run.family.name!r} family, not {family!r}")
@@ -125,10 +138,11 @@ def _times(lr: float, steps: int, num: int) -> np.ndarray:
     return np.concatenate([[0.0], np.geomspace(lr, steps * lr, num - 1)])
 
 
-def _plot_preset(family: str, preset: str, out_dir: Path, num_times: int) -> Path:
-    config = PRESET_CONFIGS[preset]()
-    s = setup(config)
-    model = FAMILIES[family].model.from_model(s.model)
+def _plot_preset(family: str, preset: str, config: Mapping[str, Any], out_dir: Path, num_times: int) -> Path:
+    """The figure of ``preset``'s settings ``config`` (as ``spec.json`` ``extra.config`` stores them)."""
+    theory = FAMILIES[family].model
+    s = theory_setup(config, theory_model_spec(theory.factory, config))
+    model = theory.from_model(s.model)
     x, y = s.x.numpy(), s.y.numpy()
     index = s.probe_index.numpy()
     curves = flow_curves(
@@ -136,15 +150,15 @@ def _plot_preset(family: str, preset: str, out_dir: Path, num_times: int) -> Pat
         model.weights(s.model),
         x,
         y,
-        config.weight_decay,
-        _times(config.lr, config.steps, num_times),
+        config["weight_decay"],
+        _times(config["lr"], config["steps"], num_times),
         x[index],
         y[index],
         s.classes.numpy()[index],
-        config.lr,
-        config.weight_decay,
+        config["lr"],
+        config["weight_decay"],
     )
-    title = f"{preset}: closed-form S_rel along gradient flow (virtual sgd step lr {config.lr:g})"
+    title = f"{preset}: closed-form S_rel along gradient flow (virtual sgd step lr {config['lr']:g})"
     return _draw(out_dir / f"theory_{family}_{preset}.png", title, curves, replayed=None)
 
 
@@ -153,15 +167,15 @@ def _plot_run(run: TheoryRun, store: str, path: Path, num_times: int) -> Path:
     update = result.config["update"]
     lr, virtual_wd = update["lr"], update.get("weight_decay", 0.0)
     eps = result.config.get("ratio_eps", EPS)
-    s = setup(run.config)
+    s = theory_setup(run.config, run.run.spec.model)
     x, y = s.x.numpy(), s.y.numpy()
     curves = flow_curves(
         run.model,
         run.weights(run.run.manifest[0].step),
         x,
         y,
-        run.config.weight_decay,
-        _times(run.config.lr, run.run.manifest[-1].step, num_times),
+        run.config["weight_decay"],
+        _times(run.config["lr"], run.run.manifest[-1].step, num_times),
         run.probe_x,
         run.probe_y,
         run.probe_classes,
@@ -173,7 +187,7 @@ def _plot_run(run: TheoryRun, store: str, path: Path, num_times: int) -> Path:
         m: same_cross(result.measures[m].read(), run.probe_classes) for m in MARKERS if m in result.measures
     }
     loss = np.array(
-        [run.model.loss(run.weights(int(k)), x, y, run.config.weight_decay) for k in result.steps]
+        [run.model.loss(run.weights(int(k)), x, y, run.config["weight_decay"]) for k in result.steps]
     )
     title = f"{run.run.path.name}: closed-form flow vs replay store {store!r} (sgd, lr {lr:g})"
     return _draw(path, title, curves, replayed=(run.times(result.steps), replayed, loss))
@@ -206,8 +220,15 @@ def _draw(
             t, measures, loss = replayed
             for name, values in measures.items():
                 for k in (0, 1):
-                    style = {"marker": MARKERS[name], "linestyle": "none", "color": colors[k], "mfc": "none"}
-                    ax_s.plot(t, values[:, k], label=f"{pair_names[k]}: replayed {name}", **style)
+                    ax_s.plot(
+                        t,
+                        values[:, k],
+                        label=f"{pair_names[k]}: replayed {name}",
+                        marker=MARKERS[name],
+                        linestyle="none",
+                        color=colors[k],
+                        mfc="none",
+                    )
             ax_loss.plot(
                 t, loss, marker="o", linestyle="none", mfc="none", color="black", label="recorded steps"
             )

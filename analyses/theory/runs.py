@@ -1,7 +1,7 @@
 """The closed forms on a recorded run: the theory's side of its cross-check with the replay engine.
 
-A run recorded by a preset of :mod:`recorder.presets.theory` carries its preset settings in
-``spec.json`` (``extra.config``), from which the training data are rebuilt, and the mixture
+A run recorded by a theory preset carries its preset settings in ``spec.json`` (``extra.config``),
+from which :func:`recorder.datasets.theory_setup` rebuilds the training data, and the mixture
 component of each probe (``extra.probe_classes``). Replayed with the ``sgd`` rule (float64), its
 stored ``orig_outputs_l2`` / ``orig_outputs_l1`` must equal the exact one-step S_rel of the family
 at the recorded weights, and ``linear`` the first-order form (:func:`closed_form_measures`).
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,12 +20,13 @@ from analyses.results import ReplayResult, load_result
 from analyses.theory.base import EPS, TheoryModel, s_rel
 from analyses.theory.families import FAMILIES, Family
 from recorder.models import build_model
-from recorder.presets.theory import PRESET_CONFIGS, TheoryConfig
 from recorder.rundir.errors import ResultsError, RunDirError
 from recorder.rundir.run import RunDir
 
 # measure name -> (change, norm order): the closed form of each measure replay stores for regression
 CLOSED_FORMS = {"orig_outputs_l2": ("exact", 2), "orig_outputs_l1": ("exact", 1), "linear": ("linear", 2)}
+# the settings of extra.config the closed forms use: the training step and theory_setup's data
+SETTINGS = ("lr", "weight_decay", "n_per_class", "dim", "probes_per_class", "seed")
 
 
 @dataclass
@@ -34,8 +36,8 @@ class TheoryRun:
     Attributes:
         run: the run directory.
         family: its family; model: the family's closed forms with the run's fixed parts.
-        config: the preset's settings (rebuild the training set with
-            :func:`recorder.presets.theory.setup`).
+        config: the preset's settings, ``spec.json`` ``extra.config`` (rebuild the training set
+            with :func:`recorder.datasets.theory_setup`).
         probe_x: ``[P, n]`` probe inputs; probe_y: ``[P, C]`` probe targets (float64).
         probe_classes: ``[P]`` mixture component of each probe.
     """
@@ -43,7 +45,7 @@ class TheoryRun:
     run: RunDir
     family: Family
     model: TheoryModel
-    config: TheoryConfig
+    config: dict[str, Any]
     probe_x: np.ndarray
     probe_y: np.ndarray
     probe_classes: np.ndarray
@@ -57,24 +59,26 @@ class TheoryRun:
 
     def times(self, steps: np.ndarray) -> np.ndarray:
         """Gradient-flow time ``t = step * lr`` of training steps ``[S]``."""
-        return np.asarray(steps, dtype=np.float64) * self.config.lr
+        return np.asarray(steps, dtype=np.float64) * self.config["lr"]
 
 
 def load_theory_run(run_dir: str | Path) -> TheoryRun:
     """Open a run recorded by a theory preset; anything else raises :class:`RunDirError`."""
     run = RunDir(run_dir)
     preset = run.spec.preset
-    if preset not in PRESET_CONFIGS:
-        raise RunDirError(
-            f"{run.path}: recorded by preset {preset!r}, not by a theory preset ({', '.join(PRESET_CONFIGS)})"
-        )
+    family = next((f for f in FAMILIES.values() if preset in f.presets), None)
+    if family is None:
+        presets = ", ".join(p for f in FAMILIES.values() for p in f.presets)
+        raise RunDirError(f"{run.path}: recorded by preset {preset!r}, not by a theory preset ({presets})")
     if not run.manifest:
         raise RunDirError(f"{run.path}: no snapshots recorded yet")
-    family = next(f for f in FAMILIES.values() if preset in f.presets)
     try:
-        config = PRESET_CONFIGS[preset](**run.spec.extra["config"])
+        config = dict(run.spec.extra["config"])
+        missing = [k for k in SETTINGS if k not in config]
+        if missing:
+            raise KeyError(", ".join(missing))
         probe_classes = np.asarray(run.spec.extra["probe_classes"], dtype=np.int64)
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise RunDirError(f"{run.path / 'spec.json'}: malformed theory settings in 'extra' ({e})") from None
     first = run.load_snapshot(run.manifest[0])
     module = build_model(run.spec.model).to(torch.float64)
@@ -101,7 +105,7 @@ def sgd_store(run: TheoryRun, store: str) -> ReplayResult:
         name = "" if store == "sgd" else f" --name {store}"
         raise ResultsError(
             f"{path}: no such replay store; make one with `python cli.py replay {run.run.path} --update sgd "
-            f"--weight-decay {run.config.weight_decay:g}{name}`"
+            f"--weight-decay {run.config['weight_decay']:g}{name}`"
         )
     result = load_result(path)
     rule = result.config.get("update", {}).get("rule")

@@ -23,18 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.datasets import load_diabetes
-from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
-from recorder.models import build_model
+from recorder.datasets import SplitData, diabetes, split_standardized, stratified_sample, teacher_regression
 from recorder.presets import Preset, register_preset
-from recorder.presets.theory import two_gaussians
-from recorder.recorder import Recorder
 from recorder.rundir.group import record_group
 from recorder.rundir.spec import ModelSpec
 from recorder.schedule import Schedule
-from recorder.training import train
+from recorder.training import record_supervised
 
 
 @dataclass
@@ -70,74 +66,27 @@ class DiabetesConfig(RegressionConfig):
     epochs: int = field(default=100, metadata={"help": "training epochs"})
 
 
-@dataclass
-class RegressionData:
-    """Standardized float32 data: ``x_*`` ``[N, d]``, ``y_*`` ``[N, 1]``; ``groups`` ``[N_train]``
-    the mixture component of each training point (all 0 without one)."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    groups: np.ndarray
-
-
-def teacher_data(config: TeacherConfig) -> RegressionData:
-    """The two-Gaussian inputs and the teacher's outputs, split and standardized."""
-    x, components = two_gaussians(config.n_per_class, config.dim, config.data_seed)
-    x = (x - x.mean(axis=0)) / x.std(axis=0)  # the teacher sees inputs of unit scale
-    with torch.random.fork_rng(devices=[]):
-        # a seed of its own: a student seeded like the teacher would start with some of its weights
-        torch.manual_seed(int(np.random.SeedSequence([config.data_seed, 1]).generate_state(1)[0]))
-        teacher = build_model(
-            ModelSpec("mlp", {"in_features": config.dim, "num_outputs": 1, "hidden": [config.teacher_hidden]})
+def regression_data(config: RegressionConfig) -> SplitData:
+    """The preset's data (the teacher's or diabetes), split and standardized from ``data_seed``:
+    ``x_*`` ``[N, d]``, ``y_*`` ``[N, 1]``, ``groups`` ``[N_train]`` the mixture components."""
+    if isinstance(config, TeacherConfig):
+        x, y, groups = teacher_regression(
+            config.n_per_class, config.dim, config.teacher_hidden, config.data_seed
         )
-        with torch.no_grad():
-            y = teacher(torch.from_numpy(x).float()).double().numpy()  # [N, 1]
-    return _split(x, y, components, config)
+    else:
+        x, y, groups = diabetes()
+    return split_standardized(x, y, groups, config.test_fraction, config.data_seed)
 
 
-def diabetes_data(config: DiabetesConfig) -> RegressionData:
-    """scikit-learn's diabetes data (bundled), split and standardized."""
-    x, y = load_diabetes(return_X_y=True)
-    return _split(x, y[:, None], np.zeros(len(x), dtype=np.int64), config)
-
-
-def _split(x: np.ndarray, y: np.ndarray, groups: np.ndarray, config: RegressionConfig) -> RegressionData:
-    """Train/test split (stratified by group, from ``data_seed``), standardized on the training split."""
-    x_tr, x_te, y_tr, y_te, g_tr, _ = train_test_split(
-        x, y, groups, test_size=config.test_fraction, stratify=groups, random_state=config.data_seed
-    )
-    x_mean, x_std, y_mean, y_std = x_tr.mean(0), x_tr.std(0), y_tr.mean(0), y_tr.std(0)
-
-    def tensor(a: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
-        return torch.tensor((a - mean) / std, dtype=torch.float32)
-
-    return RegressionData(
-        tensor(x_tr, x_mean, x_std),
-        tensor(y_tr, y_mean, y_std),
-        tensor(x_te, x_mean, x_std),
-        tensor(y_te, y_mean, y_std),
-        g_tr,
-    )
-
-
-def probe_index(groups: np.ndarray, probes: int, rng: np.random.Generator) -> np.ndarray:
-    """``probes`` training points split evenly over the groups (the first ones get the remainder),
-    grouped: indices ``[probes]``."""
-    values = np.unique(groups)
-    counts = np.full(len(values), probes // len(values)) + (np.arange(len(values)) < probes % len(values))
-    return np.concatenate(
-        [
-            np.sort(rng.choice(np.flatnonzero(groups == g), n, replace=False))
-            for g, n in zip(values, counts, strict=True)
-        ]
-    )
+def probe_counts(groups: np.ndarray, probes: int) -> list[int]:
+    """``probes`` split evenly over the distinct ``groups`` ``[N]`` (the first ones get the remainder)."""
+    k = len(np.unique(groups))
+    return [probes // k + (g < probes % k) for g in range(k)]
 
 
 def record(run_dir: Path, config: RegressionConfig, preset: str) -> None:
     """Record the run group ``run_dir``: ``config.runs`` runs of ``preset``."""
-    data = teacher_data(config) if isinstance(config, TeacherConfig) else diabetes_data(config)
+    data = regression_data(config)
     if config.probes > len(data.x_train):
         raise ValueError(f"probes ({config.probes}) cannot exceed the {len(data.x_train)} training points")
     record_group(
@@ -150,48 +99,30 @@ def record(run_dir: Path, config: RegressionConfig, preset: str) -> None:
     )
 
 
-def _record_run(
-    run_dir: Path, seed: int, config: RegressionConfig, preset: str, data: RegressionData
-) -> None:
+def _record_run(run_dir: Path, seed: int, config: RegressionConfig, preset: str, data: SplitData) -> None:
     """One run of the group with seed ``seed``."""
-    probes = probe_index(data.groups, config.probes, np.random.default_rng(seed))
-    torch.manual_seed(seed)
-    spec = ModelSpec(
-        "mlp", {"in_features": data.x_train.shape[1], "num_outputs": 1, "hidden": [config.hidden]}
-    )
-    model = build_model(spec)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
-    train_loader = DataLoader(
-        TensorDataset(data.x_train, data.y_train),
-        batch_size=config.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    test_loader = DataLoader(TensorDataset(data.x_test, data.y_test), batch_size=1024)
-    with Recorder(
+    probes = stratified_sample(data.groups, probe_counts(data.groups, config.probes), seed)
+    record_supervised(
         run_dir,
-        model,
-        optimizer,
-        probes=(data.x_train[probes], data.y_train[probes]),
-        model_spec=spec,
+        ModelSpec("mlp", {"in_features": data.x_train.shape[1], "num_outputs": 1, "hidden": [config.hidden]}),
+        functools.partial(torch.optim.SGD, lr=config.lr),
+        DataLoader(
+            TensorDataset(data.x_train, data.y_train),
+            batch_size=config.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+        ),
+        DataLoader(TensorDataset(data.x_test, data.y_test), batch_size=1024),
+        (data.x_train[probes], data.y_train[probes]),
+        Schedule.every(config.snapshot_every),
         task="regression",
         loss="mse",
-        schedule=Schedule.every(config.snapshot_every),
+        epochs=config.epochs,
         seed=seed,
         preset=preset,
         extra={"config": {**asdict(config), "seed": seed}, "probe_classes": data.groups[probes].tolist()},
-    ) as recorder:
-        train(
-            model,
-            optimizer,
-            "mse",
-            train_loader,
-            test_loader,
-            config.epochs,
-            recorder,
-            "cpu",
-            progress=config.progress,
-        )
+        progress=config.progress,
+    )
 
 
 _HELP = {

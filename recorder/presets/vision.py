@@ -19,21 +19,20 @@ from __future__ import annotations
 import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, TypeVar, cast
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
-from recorder.models import build_model
+from recorder.datasets import stratified_sample
 from recorder.presets import Preset, register_preset
-from recorder.recorder import Recorder
 from recorder.rundir.errors import DataError
 from recorder.rundir.group import record_group
 from recorder.rundir.spec import ModelSpec
 from recorder.schedule import Schedule
-from recorder.training import train
+from recorder.training import record_supervised
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
@@ -46,6 +45,16 @@ TRAIN_TRANSFORM = transforms.Compose(
         transforms.Normalize(MEAN, STD),
     ]
 )
+
+_VisionSet = TypeVar("_VisionSet", datasets.CIFAR10, datasets.SVHN)
+
+
+class _LoaderOptions(TypedDict):
+    """The DataLoader options both loaders share."""
+
+    num_workers: int
+    pin_memory: bool
+    persistent_workers: bool
 
 
 @dataclass
@@ -106,7 +115,7 @@ class VisionData:
     """How torchvision reads one data set: its class, split argument and label attribute."""
 
     title: str
-    cls: type
+    cls: type[datasets.CIFAR10] | type[datasets.SVHN]  # CIFAR100 is a CIFAR10
     num_classes: int
 
     def files(self, root: Path) -> list[Path]:
@@ -116,7 +125,7 @@ class VisionData:
             return [root / self.cls.base_folder / f for f in names]
         return [root / self.cls.split_list[s][1] for s in ("train", "test")]
 
-    def load(self, config: VisionConfig, train: bool) -> Dataset:
+    def load(self, config: VisionConfig, train: bool) -> datasets.VisionDataset:
         """The torchvision data set (no transform) of one split; :class:`DataError` if missing."""
         cls = self.cls if config.verify_md5 else _without_md5(self.cls)
         split = (
@@ -136,11 +145,11 @@ class VisionData:
                 "or --set data_root=DIR to point at a copy"
             ) from None
 
-    def labels(self, dataset: Dataset) -> np.ndarray:
+    def labels(self, dataset: datasets.VisionDataset) -> np.ndarray:
         """``[N]`` int64 labels of every image of ``dataset``."""
         return np.asarray(dataset.targets if hasattr(dataset, "targets") else dataset.labels, dtype=np.int64)
 
-    def class_names(self, dataset: Dataset) -> list[str]:
+    def class_names(self, dataset: datasets.VisionDataset) -> list[str]:
         return list(getattr(dataset, "classes", [str(c) for c in range(self.num_classes)]))
 
 
@@ -152,7 +161,7 @@ DATA = {
 CONFIGS = {"cifar10-resnet18": VisionConfig, "svhn-resnet18": SvhnConfig, "cifar100-resnet18": Cifar100Config}
 
 
-def _without_md5(cls: type) -> type:
+def _without_md5(cls: type[_VisionSet]) -> type[_VisionSet]:
     """A subclass of a torchvision data set that checks that its files exist, not their md5 sums."""
     if issubclass(cls, datasets.CIFAR10):
         attrs: dict[str, Any] = {
@@ -162,7 +171,7 @@ def _without_md5(cls: type) -> type:
         }
     else:
         attrs = {"split_list": {s: [url, f, None] for s, (url, f, _) in cls.split_list.items()}}
-    return type(cls.__name__, (cls,), attrs)
+    return cast(type[_VisionSet], type(cls.__name__, (cls,), attrs))  # a subclass of cls
 
 
 class Selected(Dataset):
@@ -185,13 +194,8 @@ def select(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``per_class`` random images (all with None) of each class, grouped by class: indices ``[M]``
     into ``labels`` and their new labels ``[M]`` (position of the class in ``classes``)."""
-    index, new = [], []
-    for k, c in enumerate(classes):
-        pool = np.flatnonzero(labels == c)
-        n = len(pool) if per_class is None else per_class
-        index.append(np.sort(rng.choice(pool, n, replace=False)))
-        new.append(np.full(n, k, dtype=np.int64))
-    return np.concatenate(index), np.concatenate(new)
+    index = stratified_sample(labels, per_class, rng, classes)
+    return index, (labels[index][:, None] == np.asarray(classes)).argmax(axis=1).astype(np.int64)
 
 
 def check_counts(labels: np.ndarray, classes: list[int], per_class: int | None, what: str, knob: str) -> None:
@@ -242,7 +246,12 @@ def record(run_dir: Path, config: VisionConfig, preset: str) -> None:
 
 
 def _record_run(
-    run_dir: Path, seed: int, config: VisionConfig, preset: str, device: str, sets: tuple[Dataset, Dataset]
+    run_dir: Path,
+    seed: int,
+    config: VisionConfig,
+    preset: str,
+    device: str,
+    sets: tuple[datasets.VisionDataset, datasets.VisionDataset],
 ) -> None:
     """One run of the group with seed ``seed``."""
     data = DATA[preset]
@@ -250,40 +259,36 @@ def _record_run(
     rng = np.random.default_rng(seed)
     train_index, train_labels = select(data.labels(train_set), config.classes, config.train_per_class, rng)
     test_index, test_labels = select(data.labels(test_set), config.classes, config.test_per_class, rng)
-    probe_pos, _ = select(train_labels, list(range(len(config.classes))), config.probes_per_class, rng)
+    probe_pos = stratified_sample(train_labels, config.probes_per_class, rng)
     probes = Selected(train_set, train_index[probe_pos], train_labels[probe_pos], EVAL_TRANSFORM)
     probe_inputs = torch.stack([probes[k][0] for k in range(len(probes))])  # [P, 3, 32, 32]
     probe_targets = torch.from_numpy(train_labels[probe_pos])  # [P]
 
-    torch.manual_seed(seed)
-    spec = ModelSpec("resnet18_nonorm", {"num_outputs": len(config.classes)})
-    model = build_model(spec).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    loader_options = {
+    loader_options: _LoaderOptions = {
         "num_workers": config.workers,
         "pin_memory": device.startswith("cuda"),
         "persistent_workers": config.workers > 0,
     }
-    train_loader = DataLoader(
-        Selected(train_set, train_index, train_labels, TRAIN_TRANSFORM),
-        batch_size=config.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-        **loader_options,
-    )
-    test_loader = DataLoader(
-        Selected(test_set, test_index, test_labels, EVAL_TRANSFORM), batch_size=512, **loader_options
-    )
     names = data.class_names(train_set)
-    with Recorder(
+    record_supervised(
         run_dir,
-        model,
-        optimizer,
-        probes=(probe_inputs, probe_targets),
-        model_spec=spec,
+        ModelSpec("resnet18_nonorm", {"num_outputs": len(config.classes)}),
+        functools.partial(torch.optim.Adam, lr=config.lr, weight_decay=config.weight_decay),
+        DataLoader(
+            Selected(train_set, train_index, train_labels, TRAIN_TRANSFORM),
+            batch_size=config.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+            **loader_options,
+        ),
+        DataLoader(
+            Selected(test_set, test_index, test_labels, EVAL_TRANSFORM), batch_size=512, **loader_options
+        ),
+        (probe_inputs, probe_targets),
+        Schedule.every(config.snapshot_every),
         task="classification",
         loss="cross_entropy",
-        schedule=Schedule.every(config.snapshot_every),
+        epochs=config.epochs,
         seed=seed,
         preset=preset,
         extra={
@@ -292,18 +297,9 @@ def _record_run(
             "class_names": [names[c] for c in config.classes],
             "images": {"train": len(train_index), "test": len(test_index)},
         },
-    ) as recorder:
-        train(
-            model,
-            optimizer,
-            "cross_entropy",
-            train_loader,
-            test_loader,
-            config.epochs,
-            recorder,
-            device,
-            progress=config.progress,
-        )
+        device=device,
+        progress=config.progress,
+    )
 
 
 _HELP = {

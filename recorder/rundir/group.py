@@ -67,7 +67,7 @@ def record_group(
     if is_group(path) or (path / "spec.json").exists():
         raise RunDirError(f"{path}: already holds a run or a run group; choose a new directory")
     path.mkdir(parents=True, exist_ok=True)
-    members = [{"dir": member_name(k), "seed": seed + k} for k in range(runs)]
+    members: list[dict[str, Any]] = [{"dir": member_name(k), "seed": seed + k} for k in range(runs)]
     atomic_write_json(
         path / GROUP_FILE, {"format": GROUP_FORMAT, "preset": preset, "config": config, "runs": members}
     )

@@ -43,6 +43,27 @@ from recorder.rundir.trajectory import FORMAT_VERSION, TrajectoryWriter
 PROBE_DTYPES = WEIGHT_DTYPES + (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
+def probe_problem(task: str, num_outputs: int, inputs: torch.Tensor, targets: torch.Tensor) -> str | None:
+    """What is wrong with a probe set for a run of ``task`` with ``num_outputs`` outputs, or None:
+    inputs ``[P, ...]`` with ``P > 0``; targets ``[P]`` int64 classes in ``[0, C)``
+    (classification) or ``[P, C]`` floats (regression); no NaN or Inf."""
+    if inputs.ndim < 1 or inputs.shape[0] == 0:
+        return "the probe set is empty"
+    if targets.shape[:1] != inputs.shape[:1]:
+        return f"{inputs.shape[0]} inputs but {targets.shape[0] if targets.ndim else 0} targets"
+    if task == "classification":
+        if targets.dtype != torch.int64 or targets.ndim != 1:
+            return "classification targets must be int64 classes of shape [P]"
+        if targets.min() < 0 or targets.max() >= num_outputs:
+            return f"class labels must lie in [0, {num_outputs})"
+    elif not targets.is_floating_point() or tuple(targets.shape) != (len(inputs), num_outputs):
+        return f"regression targets must be floats of shape [P, {num_outputs}]"
+    for name, t in (("inputs", inputs), ("targets", targets)):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            return f"probe {name} contain NaN or Inf"
+    return None
+
+
 class RunDir:
     """Read access to a run directory, validating everything it reads.
 
@@ -102,22 +123,9 @@ class RunDir:
         inputs, targets = tensors["inputs"], tensors["targets"]
         if inputs.dtype not in PROBE_DTYPES or targets.dtype not in PROBE_DTYPES:
             raise RunDirError(f"{p}: unsupported dtype {inputs.dtype} / {targets.dtype}")
-        if inputs.ndim < 1 or inputs.shape[0] == 0:
-            raise RunDirError(f"{p}: the probe set is empty")
-        if targets.shape[:1] != inputs.shape[:1]:
-            raise RunDirError(
-                f"{p}: {inputs.shape[0]} inputs but {targets.shape[0] if targets.ndim else 0} targets"
-            )
-        if self.spec.task == "classification":
-            if targets.dtype != torch.int64 or targets.ndim != 1:
-                raise RunDirError(f"{p}: classification targets must be int64 of shape [P]")
-            if targets.min() < 0 or targets.max() >= self.spec.num_outputs:
-                raise RunDirError(f"{p}: class labels must lie in [0, {self.spec.num_outputs})")
-        elif not targets.is_floating_point() or tuple(targets.shape) != (len(inputs), self.spec.num_outputs):
-            raise RunDirError(f"{p}: regression targets must be floats of shape [P, {self.spec.num_outputs}]")
-        for name, t in (("inputs", inputs), ("targets", targets)):
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise RunDirError(f"{p}: probe {name} contain NaN or Inf")
+        problem = probe_problem(self.spec.task, self.spec.num_outputs, inputs, targets)
+        if problem:
+            raise RunDirError(f"{p}: {problem}")
         return inputs, targets
 
     def load_snapshot(self, entry: SnapshotEntry, verify: bool = True) -> Snapshot:

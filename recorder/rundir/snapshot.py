@@ -211,7 +211,9 @@ def decode_snapshot(data: bytes, where: str) -> Snapshot:
         raise CorruptSnapshotError(f"{where}: metadata lacks an integer 'step'") from None
     if not is_int(step):
         raise CorruptSnapshotError(f"{where}: step {step} is out of range")
-    params, buffers, raw_state = {}, {}, {}
+    params: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    raw_state: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         kind, _, name = key.partition(".")
         if kind == "params":

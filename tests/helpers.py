@@ -1,21 +1,30 @@
-"""Shared builders of the replay tests: tiny models, probe sets, optimizer records and run
-directories written with :class:`recorder.runfiles.RunWriter`, and a wait for the recorder's
-writer processes (no tests in here)."""
+"""Helpers shared by the test modules (fixtures live in ``conftest.py``): small models, probe
+sets, snapshots and run directories written with :class:`recorder.rundir.run.RunWriter`, a wait
+for the recorder's writer processes, and synthetic replay stores written through
+:class:`replay.store.ReplayStore` with known values."""
 
 from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from unittest.mock import patch
 
+import numpy as np
 import torch
 from torch import nn
 
+import replay.store
 from recorder.losses import batch_loss
 from recorder.models import build_model
+from recorder.rundir.files import atomic_write_json
 from recorder.rundir.run import RunWriter
-from recorder.rundir.snapshot import OptimizerRecord, Snapshot
+from recorder.rundir.snapshot import OptimizerRecord, Snapshot, SnapshotEntry
 from recorder.rundir.spec import ModelSpec, RunSpec
+from replay.config import ReplayConfig
+from replay.engine import SnapshotResult
+from replay.store import ReplayStore
 
 NUM_CLASSES = 3
 MODEL_SPECS = {
@@ -125,3 +134,68 @@ def wait_for_writers(run_dir: Path, timeout: float = 60) -> None:
             return
         time.sleep(0.01)
     raise AssertionError(f"the writer of {run_dir} did not exit")
+
+
+# ----------------------------------------------------------------------------- replay stores
+
+
+def make_run_dir(path, task="classification", metrics=()):
+    """A run directory with ``spec.json`` and ``metrics.jsonl`` (no snapshots: analyses need none)."""
+    path.mkdir(parents=True, exist_ok=True)
+    loss = "cross_entropy" if task == "classification" else "mse"
+    spec = RunSpec(
+        ModelSpec("mlp", {"in_features": 4, "num_outputs": 3}), task=task, loss=loss, num_outputs=3
+    )
+    atomic_write_json(path / "spec.json", spec.to_json())
+    (path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metrics))
+    return path
+
+
+def write_store(path, measures, targets, done, steps, include_self=False, classpairs=None):
+    """Write a replay store through :class:`replay.store.ReplayStore`, as a replay would.
+
+    ``measures``: name -> ``[S, P, P]``, stored at the snapshots ``s`` where ``done[s]``; ``steps``
+    ``[S]`` (epoch ``step // 10``); ``targets``: int ``[P]`` (classification) or float ``[P, C]``;
+    ``classpairs``: name -> stat -> ``[S, K, K]`` stored instead of the measures' aggregates.
+    """
+    targets = torch.as_tensor(np.asarray(targets))
+    task, loss, C = (
+        ("classification", "cross_entropy", 3)
+        if targets.ndim == 1
+        else ("regression", "mse", targets.shape[1])
+    )
+    spec = RunSpec(
+        ModelSpec("mlp", {"in_features": 4, "num_outputs": C}), task=task, loss=loss, num_outputs=C
+    )
+    config = ReplayConfig(measures=tuple(measures), precision="float64", include_self=include_self)
+    entries = [SnapshotEntry(int(t), int(t) // 10, f"snapshots/step_{t}.safetensors", "", 0) for t in steps]
+    store = ReplayStore.prepare(path, config, spec, entries, targets, tuple(measures))
+    P = len(targets)
+    for s in np.flatnonzero(done):
+        result = SnapshotResult(
+            base_outputs=torch.zeros(P, C, dtype=torch.float64),
+            probe_loss=torch.ones(P, dtype=torch.float64),
+            update_norm=torch.ones(P, dtype=torch.float64),
+            measures={m: torch.as_tensor(np.asarray(S, dtype=np.float64)[s]) for m, S in measures.items()},
+            amplification=torch.ones(P, dtype=torch.float64),
+            error_estimate=1e-6,
+        )
+
+        def stored_classpairs(S, labels, K, include_self, stat, s=s):  # replay.store.aggregate's [M, K, K]
+            return np.stack([classpairs[m][stat][s] for m in measures])
+
+        with patch.object(replay.store, "aggregate", stored_classpairs) if classpairs else nullcontext():
+            store.write(int(s), result)
+
+
+LABELS6 = np.array([0, 0, 1, 1, 2, 2])
+# B[a, b]: the value of S[i, j] for class(j) = a (observed), class(i) = b (updated), i != j.
+B0 = np.array([[2.0, 1, 1], [1, 4, 2], [1, 1, 3]])
+B1 = np.array([[3.0, 2, 1], [1, 5, 1], [2, 2, 6]])
+
+
+def block_matrix(B, labels):
+    """``[P, P]`` with ``S[i, j] = B[class(j), class(i)]`` off the diagonal and 1 on it."""
+    S = B[labels[None, :], labels[:, None]].astype(np.float64)
+    np.fill_diagonal(S, 1.0)
+    return S
