@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import ruptures
 
+from recorder.rundir.files import finite_or_none
+
 MIN_SIZE = 4
 MIN_EXPLAINED = 0.5
 
@@ -60,17 +62,14 @@ class Phases:
     def to_json(self) -> dict[str, Any]:
         """The numbers as JSON (non-finite ones as null), without the fitted values."""
 
-        def num(x: float) -> float | None:
-            return float(x) if np.isfinite(x) else None
-
         return {
             "found": self.found,
             "reason": self.reason,
             "step": self.step,
-            "rates": [num(r) for r in self.rates],
+            "rates": [finite_or_none(float(r)) for r in self.rates],
             "settles": self.settles,
-            "explained": num(self.explained),
-            "bic_gain": num(self.bic_gain),
+            "explained": finite_or_none(float(self.explained)),
+            "bic_gain": finite_or_none(float(self.bic_gain)),
         }
 
 

@@ -49,7 +49,7 @@ def exclusive_writer(path: Path) -> Iterator[None]:
     which the kernel releases when this process ends, however it ends.
 
     Raises :class:`ReplayError` while another process holds it, and
-    :class:`~recorder.runfiles.RunDirError` when the lock file cannot be created (the run
+    :class:`~recorder.rundir.errors.RunDirError` when the lock file cannot be created (the run
     directory is read-only).
     """
     lock = path.with_name(path.name + ".lock")

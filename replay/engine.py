@@ -235,7 +235,7 @@ class Engine:
         """Every row of ``snapshot`` in ``arithmetic``, and the updates of the check's rows with the
         largest amplification (none in float64). With a ``fallback`` (one the first block can decide
         on, :func:`replay.precision.predictable`), the first block's updates decide: where
-        :meth:`_predicted_error` exceeds :data:`AUTO_TARGET`, every row is computed in ``fallback``
+        :func:`~replay.precision.predicted_error` exceeds :data:`AUTO_TARGET`, every row is computed in ``fallback``
         instead, continuing with the gradients and updates already computed where ``fallback`` runs
         the same blocks (the result is the one ``fallback`` alone gives); else None: start afresh."""
         run = self._start(snapshot, arithmetic)
@@ -245,7 +245,10 @@ class Engine:
             if (
                 predict
                 and fallback is not None  # predict: there is one
-                and self._predicted_error(run.outputs(), run.y, chunk, grads, updates, norms) > AUTO_TARGET
+                and predicted_error(
+                    self.loss, self.gradient_scale, run.outputs(), run.y, chunk, grads, updates, norms
+                )
+                > AUTO_TARGET
             ):
                 if self.rows_per_chunk(fallback.name) != self.rows_per_chunk(arithmetic.name):
                     return None
@@ -395,18 +398,6 @@ class Engine:
             amplification=torch.cat(run.amplification).cpu(),
             arithmetic=run.arithmetic.name,
         )
-
-    def _predicted_error(
-        self,
-        base: Tensor,
-        y: Tensor,
-        chunk: Tensor,
-        grads: dict[str, Tensor] | None,
-        updates: dict[str, Tensor],
-        norms: Tensor,
-    ) -> float:
-        """:func:`replay.precision.predicted_error` of the rows ``chunk`` under this engine's loss."""
-        return predicted_error(self.loss, self.gradient_scale, base, y, chunk, grads, updates, norms)
 
     def _check_everything(self, keep: int) -> bool:
         """Whether the check of ``keep`` rows covers every probe (:meth:`ErrorCheck.everything`)."""

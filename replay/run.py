@@ -58,7 +58,7 @@ def replay(
     replay, or with ``skip_corrupt`` is skipped with a warning (its ``done`` flag stays false).
     Returns the store's path.
 
-    Raises :class:`~recorder.runfiles.RunDirError` for an unreadable run directory or one that
+    Raises :class:`~recorder.rundir.errors.RunDirError` for an unreadable run directory or one that
     does not fit its model, and :class:`~replay.config.ReplayError` for anything the replay
     cannot do (another replay holding the store included).
     """

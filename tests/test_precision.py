@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import replay.engine
 from recorder.rundir.errors import UnsupportedModel
 from replay.bench import make_case
 from replay.config import ReplayConfig, UpdateConfig
@@ -211,7 +212,7 @@ def test_auto_keeps_the_float32_difference_where_it_is_predicted_to_resolve_the_
 
 def test_auto_still_falls_back_when_the_prediction_is_wrong(cases, monkeypatch):
     """A prediction that misses a step float32 cannot resolve: the checked estimate catches it."""
-    monkeypatch.setattr(Engine, "_predicted_error", lambda *args: 0.0)
+    monkeypatch.setattr(replay.engine, "predicted_error", lambda *args: 0.0)
     case = cases["digits"]
     config = ReplayConfig(RULES["sgd"], measures=COMPARED, precision="auto")
     auto = Engine(case.spec, case.inputs, case.targets, config)

@@ -110,7 +110,7 @@ def plot_family(
     Writes ``theory_<family>_<preset or run directory name>.png`` into ``out_dir`` (created) and
     returns their paths. Raises ``ValueError`` for an unknown family or, without ``run_dir``, missing
     ``settings`` or settings of a preset not of the family, and
-    :class:`~recorder.runfiles.RunDirError` for a run (or store) that does not fit.
+    :class:`~recorder.rundir.errors.RunDirError` for a run (or store) that does not fit.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")

@@ -12,7 +12,7 @@ Inputs and targets are standardized with the training split's mean and standard 
 are the same in every run; the run seed draws the probe set (``probes`` training points; for the
 mixture, half from each component, grouped, their components in ``spec.json`` ``extra``
 ``probe_classes``), the initial weights and the batch order. Presets record a run group
-(:mod:`recorder.rungroup`).
+(:mod:`recorder.rundir.group`).
 """
 
 from __future__ import annotations

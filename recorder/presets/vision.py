@@ -2,7 +2,7 @@
 three classes of CIFAR-10, SVHN or CIFAR-100, Adam, snapshots every 9 batches.
 
 Presets ``cifar10-resnet18``, ``svhn-resnet18`` and ``cifar100-resnet18`` record a run group
-(:mod:`recorder.rungroup`): ``runs`` independent runs, run ``k`` with seed ``seed + k``. The seed of
+(:mod:`recorder.rundir.group`): ``runs`` independent runs, run ``k`` with seed ``seed + k``. The seed of
 a run draws its training images (``train_per_class`` of each kept class), its probe set
 (``probes_per_class`` of those training images, grouped by class, without augmentation), its
 test images (when ``test_per_class`` is set), the initial weights, the batch order and the
