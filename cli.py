@@ -153,7 +153,11 @@ def _config_help(config_cls: type) -> str:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main() -> None:
-    """Local elasticity (S_rel): record training, replay it offline, analyze the result."""
+    """Local elasticity (S_rel): record training, replay it offline, analyze the result.
+
+    Definitions of every measure, update rule and precision mode, and the store layout, are in
+    the project's docs/ folder (docs/README.md).
+    """
 
 
 @main.command("presets")

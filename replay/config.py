@@ -58,7 +58,9 @@ class UpdateConfig:
     rule: str = field(
         default="adam-fresh",
         metadata={
-            "help": "Update rule: " + "; ".join(f"'{r.name}': {r.help}" for r in RULES.values()) + ".",
+            "help": "Update rule: "
+            + "; ".join(f"'{r.name}': {r.help}" for r in RULES.values())
+            + " (docs/update-rules.md).",
             "choices": RULES,
             "label": "update rule",
             "option": "--update",
@@ -106,7 +108,8 @@ class ReplayConfig:
     measures: tuple[str, ...] | None = field(
         default=None,
         metadata={
-            "help": "Measures to compute (default: every measure that applies to the run's task).",
+            "help": "Measures to compute (default: every measure that applies to the run's task; "
+            "docs/measures.md defines them).",
             "check": (lambda m: len(m) > 0, "at least one measure name (or None for all)"),
         },
     )
@@ -121,8 +124,8 @@ class ReplayConfig:
             "cheaper, and exact enough only for large steps); 'auto' (difference32 while its "
             "estimated error stays below 1e-4, else mixed, or float64 for models torch.fx cannot trace); "
             "'float32' (everything in float32). Every mode but float64 is checked against float64 on a "
-            "few rows and refused when the estimated error exceeds the tolerance (the README's "
-            "section Precision has the numbers).",
+            "few rows and refused when the estimated error exceeds the tolerance (docs/precision.md "
+            "has the numbers).",
             "choices": PRECISIONS,
         },
     )
