@@ -408,10 +408,13 @@ def bench(
             f"recorder overhead ({r['model']}, snapshot every {r['snapshot_every']} steps): "
             f"{r['step_seconds'] * 1e3:.2f} ms -> {r['step_seconds_recorded'] * 1e3:.2f} ms a step, "
             f"{100 * r['overhead']:+.1f}% (median of paired blocks; {100 * r['inside_step']:.1f}% "
-            "inside recorder.step())"
+            f"inside recorder.step(), {100 * r['outside_step']:+.1f}% outside it; a block's last snapshot "
+            f"written {r['write_seconds']:.2f} s after the block)"
         )
     if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=1))
+        from recorder.rundir.files import atomic_write_bytes
+
+        atomic_write_bytes(json_path, json.dumps(report, indent=1).encode(), durable=False)
         click.echo(f"wrote {json_path}")
 
 

@@ -7,6 +7,7 @@ tailed). Each function writes one PNG to ``path`` and returns ``path``.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from matplotlib.lines import Line2D
 from analyses.curves import MeasureCurves
 from analyses.phases import Phases
 from analyses.training import Series
+from recorder.rundir.files import atomic_write_bytes
 
 if TYPE_CHECKING:
     from matplotlib.typing import RcKeyType  # stubs only: not imported at run time
@@ -57,7 +59,8 @@ class OverlayRow:
 def _figure(
     path: Path, title: str, num_panels: int, max_cols: int = 4
 ) -> Iterator[tuple[Figure, list[Axes]]]:
-    """A styled figure with ``num_panels`` panels in a grid, saved to ``path`` on exit."""
+    """A styled figure with ``num_panels`` panels in a grid, saved to ``path`` as a PNG on exit
+    (:func:`~recorder.rundir.files.atomic_write_bytes`: a link at ``path`` is replaced, not followed)."""
     ncols = min(num_panels, max_cols)
     nrows = math.ceil(num_panels / ncols)
     with mpl.rc_context(STYLE):
@@ -68,7 +71,9 @@ def _figure(
             ax.set_visible(False)
         fig.suptitle(title)
         yield fig, axes[:num_panels]
-        fig.savefig(path)
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
+        atomic_write_bytes(path, png.getbuffer())
 
 
 def _scale_y(ax: Axes, values: npt.ArrayLike) -> None:

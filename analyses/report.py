@@ -58,7 +58,7 @@ from analyses.tables import (
 )
 from analyses.training import Series, training_series
 from recorder.rundir.errors import ResultsError
-from recorder.rundir.files import atomic_write_bytes, atomic_write_json, finite_or_none
+from recorder.rundir.files import atomic_write_bytes, atomic_write_json, finite_or_none, make_folder
 from recorder.rundir.group import is_group, read_group
 from recorder.rundir.run import RunDir
 
@@ -135,8 +135,7 @@ def analyze(
                 skipped[f"{run}/{r.name}" if group else r.name] = "no completed snapshot"
     if not stores_by_name:
         raise ResultsError(f"{path}: no replay store has a completed snapshot ({', '.join(skipped)})")
-    out = Path(out_dir) if out_dir is not None else path / "analysis"
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(Path(out_dir) if out_dir is not None else path / "analysis")
 
     figures: list[dict[str, str]] = []
     stores, curves = {}, {}

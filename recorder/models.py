@@ -12,12 +12,15 @@ import importlib
 from collections.abc import Callable
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from recorder.rundir.errors import RunDirError
 from recorder.rundir.spec import ModelSpec
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+# what ``torch.compile``'s wrapper puts before every name of the module it compiles
+COMPILE_PREFIX = "_orig_mod."
 
 
 def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
@@ -74,6 +77,19 @@ def rebuild_model(spec: ModelSpec) -> nn.Module:
             ) from None
 
 
+def check_fits_before_building(spec: ModelSpec, params: dict[str, torch.Tensor], where: str) -> None:
+    """Raise RunDirError unless the model ``spec`` names has the parameters ``params`` (names and
+    shapes; ``meta`` tensors will do), checked on the model built on the ``meta`` device, which
+    allocates no memory for its weights: a spec that names a huge model is refused before it is
+    built. A factory that cannot build on ``meta`` is left to :func:`rebuild_model` to report."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            skeleton = build_model(spec)
+    except Exception:  # noqa: BLE001 - rebuild_model builds it for real and says what is wrong
+        return
+    check_state_matches(skeleton, params, where)
+
+
 def probe_outputs(model: nn.Module, inputs: torch.Tensor, name: str) -> torch.Tensor:
     """The outputs ``[1, ...]`` of ``model`` (named ``name`` in messages) on the first probe
     ``inputs[:1]``, floating inputs cast to the model's dtype, without gradients. Raises
@@ -93,9 +109,12 @@ def probe_outputs(model: nn.Module, inputs: torch.Tensor, name: str) -> torch.Te
 
 
 def check_state_matches(model: nn.Module, params: dict[str, torch.Tensor], where: str) -> None:
-    """Raise RunDirError unless ``params`` has exactly the model's parameter names and shapes."""
+    """Raise RunDirError unless ``params`` has exactly the model's parameter names and shapes
+    (names recorded through ``torch.compile`` are compared without its prefix ``_orig_mod.``)."""
     expected = {k: tuple(v.shape) for k, v in model.named_parameters()}
     found = {k: tuple(v.shape) for k, v in params.items()}
+    if not any(COMPILE_PREFIX in k for k in expected):
+        found = {k.replace(COMPILE_PREFIX, ""): v for k, v in found.items()}
     if expected == found:
         return
     missing = sorted(set(expected) - set(found))
@@ -229,3 +248,170 @@ def relu_gate(in_features: int) -> nn.Module:
 def diagonal_homogeneous(in_features: int, d: int = 2) -> nn.Module:
     """The weight d-homogeneous, feature-linear predictor of SPEC §6.3 (see :class:`DiagonalHomogeneous`)."""
     return DiagonalHomogeneous(in_features, d)
+
+
+# ----------------------------------------------------------------------------- conformance models
+# Small models of the features a replay must handle (normalization, dropout, mixed dtypes,
+# attention, token ids, recurrence, tied and frozen weights): tests/test_conformance.py records
+# and replays each. Every factory maps a batch [N, ...] to outputs [N, num_outputs].
+
+PAD_TOKEN = 0  # the token id of padding in the conformance token models
+
+
+@register_model("bn_cnn")
+def bn_cnn(num_outputs: int, in_channels: int = 1, width: int = 4) -> nn.Module:
+    """Convolution, ``BatchNorm2d``, relu and a linear head: ``[N, in_channels, H, W]`` -> ``[N, C]``."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * width, num_outputs),
+    )
+
+
+@register_model("dropout_mlp")
+def dropout_mlp(in_features: int, num_outputs: int, hidden: int = 8, p: float = 0.3) -> nn.Module:
+    """An MLP with ``Dropout`` after its hidden layer: ``[N, in_features]`` -> ``[N, C]``."""
+    return nn.Sequential(
+        nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(p), nn.Linear(hidden, num_outputs)
+    )
+
+
+class MixedDtypes(nn.Module):
+    """A float32 MLP whose hidden units are scaled by a float64 buffer ``scale`` ``[hidden]`` and
+    permuted by an int64 buffer ``order`` ``[hidden]``: ``[N, in_features]`` -> ``[N, C]``."""
+
+    scale: Tensor
+    order: Tensor
+
+    def __init__(self, in_features: int, num_outputs: int, hidden: int = 8):
+        super().__init__()
+        self.fc = nn.Linear(in_features, hidden)
+        self.head = nn.Linear(hidden, num_outputs)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, hidden, dtype=torch.float64))
+        self.register_buffer("order", torch.arange(hidden).flip(0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.fc(x)) * self.scale.to(x.dtype)
+        return self.head(h[:, self.order])
+
+
+@register_model("mixed_dtypes")
+def mixed_dtypes(in_features: int, num_outputs: int, hidden: int = 8) -> nn.Module:
+    """See :class:`MixedDtypes`."""
+    return MixedDtypes(in_features, num_outputs, hidden)
+
+
+class TinyAttention(nn.Module):
+    """Pre-norm self-attention block over a sequence: ``[N, L, in_features]`` -> ``[N, C]``
+    (``Linear`` embedding, ``LayerNorm``, ``MultiheadAttention``, a ``GELU`` MLP, mean pooling)."""
+
+    def __init__(self, in_features: int, num_outputs: int, width: int = 8, heads: int = 2):
+        super().__init__()
+        self.embed = nn.Linear(in_features, width)
+        self.norm1 = nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.head = nn.Linear(width, num_outputs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        a = self.norm1(h)
+        h = h + self.attention(a, a, a, need_weights=False)[0]
+        h = h + self.mlp(self.norm2(h))
+        return self.head(h.mean(1))
+
+
+@register_model("tiny_attention")
+def tiny_attention(in_features: int, num_outputs: int, width: int = 8, heads: int = 2) -> nn.Module:
+    """See :class:`TinyAttention`."""
+    return TinyAttention(in_features, num_outputs, width, heads)
+
+
+class TokenBag(nn.Module):
+    """Embeddings of int64 token ids ``[N, L]`` averaged over the tokens that are not :data:`PAD_TOKEN`
+    (the padding mask derived from the ids), then an MLP: -> ``[N, C]``."""
+
+    def __init__(self, vocab: int, num_outputs: int, width: int = 8):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, width, padding_idx=PAD_TOKEN)
+        self.fc = nn.Linear(width, width)
+        self.head = nn.Linear(width, num_outputs)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        keep = (ids != PAD_TOKEN).unsqueeze(-1)  # [N, L, 1]
+        pooled = (self.embedding(ids) * keep).sum(1) / keep.sum(1).clamp_min(1)
+        return self.head(torch.relu(self.fc(pooled)))
+
+
+@register_model("token_bag")
+def token_bag(vocab: int, num_outputs: int, width: int = 8) -> nn.Module:
+    """See :class:`TokenBag`."""
+    return TokenBag(vocab, num_outputs, width)
+
+
+class TiedTokens(nn.Module):
+    """Token ids ``[N, L]`` -> logits over the vocabulary ``[N, vocab]`` whose output head shares
+    its weight with the input embedding (one parameter, ``embedding.weight``)."""
+
+    def __init__(self, vocab: int, num_outputs: int, width: int = 6):
+        super().__init__()
+        if num_outputs != vocab:
+            raise ValueError(f"tied weights need num_outputs == vocab, got {num_outputs} and {vocab}")
+        self.embedding = nn.Embedding(vocab, width)
+        self.mix = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embedding.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.mix(self.embedding(ids).mean(1))))
+
+
+@register_model("tied_tokens")
+def tied_tokens(vocab: int, num_outputs: int, width: int = 6) -> nn.Module:
+    """See :class:`TiedTokens`."""
+    return TiedTokens(vocab, num_outputs, width)
+
+
+class Recurrent(nn.Module):
+    """A ``GRU`` over a sequence ``[N, L, in_features]``, its last hidden state to a linear head:
+    -> ``[N, C]``."""
+
+    def __init__(self, in_features: int, num_outputs: int, hidden: int = 6):
+        super().__init__()
+        self.rnn = nn.GRU(in_features, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, num_outputs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@register_model("gru")
+def gru(in_features: int, num_outputs: int, hidden: int = 6) -> nn.Module:
+    """See :class:`Recurrent`."""
+    return Recurrent(in_features, num_outputs, hidden)
+
+
+class Adapter(nn.Module):
+    """A frozen base layer (``requires_grad=False``) with a trainable low-rank adapter beside it,
+    and a trainable head: ``[N, in_features]`` -> ``[N, C]``."""
+
+    def __init__(self, in_features: int, num_outputs: int, hidden: int = 8, rank: int = 2):
+        super().__init__()
+        self.base = nn.Linear(in_features, hidden)
+        self.base.requires_grad_(False)
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, hidden, bias=False)
+        self.head = nn.Linear(hidden, num_outputs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.relu(self.base(x) + self.up(self.down(x))))
+
+
+@register_model("adapter")
+def adapter(in_features: int, num_outputs: int, hidden: int = 8, rank: int = 2) -> nn.Module:
+    """See :class:`Adapter`."""
+    return Adapter(in_features, num_outputs, hidden, rank)

@@ -125,7 +125,8 @@ class Kept:
 class ErrorCheck:
     """The error estimate (module docstring) of the results of one engine: ``model`` on ``device``
     (traced by ``propagator``, None where ``torch.fx`` cannot trace it), probe inputs ``inputs``
-    ``[P, ...]``, rows evaluated by ``batching``, ``measures`` with ``ratio_eps``."""
+    ``[P, ...]``, rows evaluated by ``batching``, ``measures`` with ``ratio_eps``, the parameters
+    ``frozen`` held fixed (:func:`~replay.state.frozen_names`)."""
 
     def __init__(
         self,
@@ -136,9 +137,11 @@ class ErrorCheck:
         batching: Batching,
         measures: tuple[Measure, ...],
         ratio_eps: float,
+        frozen: frozenset[str] = frozenset(),
     ):
         self.model, self.propagator, self.inputs, self.device = model, propagator, inputs, device
         self.batching, self.measures, self.ratio_eps = batching, measures, ratio_eps
+        self.frozen = frozen
         self.num_probes = len(inputs)
 
     def rows(self, arithmetic: Arithmetic) -> int:
@@ -195,7 +198,7 @@ class ErrorCheck:
         if shared is not None:
             assert self.propagator is not None, "shared base values come from a propagating pass"
             return Propagation(self.propagator, shared, dtype, finite, linear)
-        params, buffers = snapshot_state(self.model, snapshot, self.device, torch.float64)
+        params, buffers = snapshot_state(self.model, snapshot, self.device, torch.float64, self.frozen)
         x = cast(self.inputs[columns], self.device, torch.float64)
         if self.propagator is None:
             return Difference(self.model, params, buffers, x, None, finite, linear)

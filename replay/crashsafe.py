@@ -34,6 +34,7 @@ import numpy as np
 import zarr
 
 from recorder.rundir.errors import ReplayError, RunDirError
+from recorder.rundir.files import open_regular
 
 _ORPHAN = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr's temporary file of an interrupted write
 _syncfs: Callable[[int], int] | None
@@ -50,11 +51,11 @@ def exclusive_writer(path: Path) -> Iterator[None]:
 
     Raises :class:`ReplayError` while another process holds it, and
     :class:`~recorder.rundir.errors.RunDirError` when the lock file cannot be created (the run
-    directory is read-only).
+    directory is read-only) or is not a regular file (a symbolic link is never followed).
     """
     lock = path.with_name(path.name + ".lock")
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_regular(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise RunDirError(
             f"{path.parent}: cannot write the replay store {path.name} there ({e.strerror}); "

@@ -24,6 +24,11 @@ linear layer). The same pass gives the Jacobian-vector product ``J . U`` of the 
 (tangent rules: ``W t + U v`` for the layers above, ``t * (v > 0)`` for relu, ``torch.func.jvp``
 in float32 for the rest), sharing the products ``U v`` with ``D``. Models that
 ``torch.fx.symbolic_trace`` cannot trace raise :class:`UnsupportedModel` at construction.
+
+Buffers are traced as the model's state (the snapshot's values, in the working dtype), not as
+constants of the trace; weights that several modules share (tied weights) move together; a node
+whose value is not floating point (shapes, dtypes, masks of token ids) has no change; a node that
+returns a tuple (attention, recurrent layers) carries a tuple of changes, which indexing picks.
 """
 
 from __future__ import annotations
@@ -38,8 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.func import functional_call, jvp
+from torch.utils import _pytree as pytree
 
 from recorder.rundir.errors import UnsupportedModel
+from replay.state import retype as retype_floating
 
 # Modules whose output is a linear function of their input alone (no parameters).
 _LINEAR_MODULES = (
@@ -63,9 +70,9 @@ _LINEAR_FUNCTIONS = {
     torch.unsqueeze,
     torch.permute,
     F.avg_pool2d,
+    operator.getitem,  # an index or a slice: fx nodes among its arguments make it a second input
 }
 _LINEAR_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze"}
-_SHAPE_METHODS = {"size", "dim"}  # results that do not depend on the values
 _SUMS: dict[fx.node.Target, int] = {operator.add: 1, torch.add: 1, operator.sub: -1, torch.sub: -1}
 _RELUS = {torch.relu, F.relu}
 
@@ -100,12 +107,19 @@ class ChangePropagator:
         for m in model.modules():  # in-place activations would overwrite the recorded base values
             if getattr(m, "inplace", False):
                 m.inplace = False  # type: ignore[assignment]  # torch types Module attributes as Tensor | Module
+        tracer = fx.Tracer()
+        tracer.proxy_buffer_attributes = True  # buffers come from the snapshot, not the trace
         try:
-            self.graph_module = fx.symbolic_trace(model)
+            self.graph_module = fx.GraphModule(model, tracer.trace(model))
         except Exception as e:  # fx raises many kinds of errors on code it cannot trace
             raise UnsupportedModel(f"torch.fx cannot trace {type(model).__name__}: {e}") from None
         self.nodes = list(self.graph_module.graph.nodes)
         self.modules = dict(self.graph_module.named_modules())
+        self.aliases = _aliases(model)
+
+    def _tied(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``tensors`` (name -> tensor) with every other name of a shared weight or buffer added."""
+        return tensors | {a: tensors[k] for a, k in self.aliases.items() if k in tensors}
 
     def base(
         self,
@@ -116,7 +130,7 @@ class ChangePropagator:
     ) -> BaseState:
         """Every node's value at ``params`` and ``buffers`` (float64) for inputs ``x`` ``[P, ...]``;
         :meth:`change` then works in ``dtype`` (float32; float64 for a reference)."""
-        state = params | buffers
+        state = self._tied(params | buffers)
         values: dict[str, Any] = {}
         for node in self.nodes:
             if node.op == "placeholder":
@@ -130,7 +144,11 @@ class ChangePropagator:
         """``base`` with :meth:`change` working in ``dtype`` (the float64 values are shared, not
         recomputed: one evaluation serves a float32 pass and a float64 reference)."""
         values = {k: v for k, v in base.values.items() if not k.endswith("/work")}
-        values |= {f"{k}/work": v.to(dtype) for k, v in list(values.items()) if isinstance(v, Tensor)}
+        values |= {
+            f"{k}/work": pytree.tree_map_only(Tensor, lambda t: retype_floating(t, dtype), v)
+            for k, v in list(values.items())
+            if _floating(v)
+        }
         weighted = [
             f"{n.target}.weight"
             for n in self.nodes
@@ -153,6 +171,7 @@ class ChangePropagator:
         the change ``D`` ``[P, C]`` (if ``finite``), and ``"linear"``, the Jacobian-vector product
         ``J . U`` ``[P, C]`` (if ``linear``), in that dtype. The two share the products ``U v`` of
         every layer. None where the outputs do not depend on anything ``update`` moves."""
+        update = self._tied(update)
         changes: dict[str, Tensor | None] = {}
         tangents: dict[str, Tensor | None] = {}
         for node in self.nodes:
@@ -202,10 +221,10 @@ class ChangePropagator:
         moving = any(
             seen is not None and seen[n.name] is not None for seen in (changes, tangents) for n in inputs
         )
-        if not (moving or own_update) or (node.op == "call_method" and node.target in _SHAPE_METHODS):
+        if not (moving or own_update) or not _floating(base.values[node.name]):
             return None, None
         first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        if first is not None and len(inputs) == 1:
+        if first is not None and len(inputs) == 1 and _floating(base.values[first.name]):
             v = base.values[f"{first.name}/work"]
             d = changes[first.name] if changes is not None else None
             t = tangents[first.name] if tangents is not None else None
@@ -246,7 +265,7 @@ class ChangePropagator:
 
         def moved(n: fx.Node) -> Any:
             d = changes[n.name]
-            return base.values[n.name] if d is None else base.values[n.name] + d.double()
+            return base.values[n.name] if d is None else _tree(torch.add, base.values[n.name], d)
 
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), moved)
         state = base.state
@@ -256,32 +275,67 @@ class ChangePropagator:
                 for k, v in _prefixed(state, _name(node)).items()
             }
         new = self._call(node, args, kwargs, state)
-        return (new - base.values[node.name]).to(base.dtype)
+        return _tree(lambda a, b: retype_floating(a - b, base.dtype), new, base.values[node.name])
 
     def _tangent(
         self, node: fx.Node, base: BaseState, tangents: dict[str, Tensor | None], update: dict[str, Tensor]
     ) -> Tensor:
         """The Jacobian-vector product of ``node`` at ``v`` (and ``w``) along the input tangents and
-        ``U``, in the working dtype (``torch.func.jvp``)."""
-        inputs = node.all_input_nodes
+        ``U``, in the working dtype (``torch.func.jvp``; the inputs that are not floating point and
+        the buffers are constants, not primals)."""
+        inputs = [n for n in node.all_input_nodes if _floating(base.values[n.name])]
         primals = [base.values[f"{n.name}/work"] for n in inputs]
         directions = [
-            tangents[n.name] if tangents[n.name] is not None else torch.zeros_like(p)
+            tangents[n.name]
+            if tangents[n.name] is not None
+            else _tree(lambda p, _: torch.zeros_like(p), p, p)
             for n, p in zip(inputs, primals, strict=True)
         ]
         own = (
-            {k: v.to(base.dtype) for k, v in _prefixed(base.state, _name(node)).items()}
+            {k: retype_floating(v, base.dtype) for k, v in _prefixed(base.state, _name(node)).items()}
             if node.op == "call_module"
             else {}
         )
-        own_directions = {k: update[k] if k in update else torch.zeros_like(v) for k, v in own.items()}
+        moving = {k: v for k, v in own.items() if k in update}
         position = {n.name: k for k, n in enumerate(inputs)}
 
-        def evaluate(values: list[Tensor], state: dict[str, Tensor]) -> Tensor:
-            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[position[n.name]])
-            return self._call(node, args, kwargs, state)
+        def evaluate(values: list[Tensor], moved: dict[str, Tensor]) -> tuple[Tensor, ...]:
+            def value(n: fx.Node) -> Any:
+                return values[position[n.name]] if n.name in position else base.values[n.name]
 
-        return jvp(evaluate, (primals, own), (directions, own_directions))[1]
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+            leaves, spec = pytree.tree_flatten(self._call(node, args, kwargs, own | moved))
+            structure[:] = [spec, leaves]
+            # jvp takes tensors only, not the Nones of a tuple that a module returns
+            return tuple(t for t in leaves if isinstance(t, Tensor))
+
+        structure: list[Any] = []
+        tangent = iter(jvp(evaluate, (primals, moving), (directions, {k: update[k] for k in moving}))[1])
+        spec, leaves = structure
+        return pytree.tree_unflatten([next(tangent) if isinstance(t, Tensor) else t for t in leaves], spec)
+
+
+def _floating(value: Any) -> bool:
+    """Whether a node's ``value`` is, or holds, a floating point tensor (else it has no change)."""
+    return any(isinstance(t, Tensor) and t.is_floating_point() for t in pytree.tree_leaves(value))
+
+
+def _tree(fn: Any, a: Any, b: Any) -> Any:
+    """``fn(x, y)`` for the tensors ``x``, ``y`` at the same places of ``a`` and ``b``: two tensors,
+    or tuples of them, alike (the value of a node and its change)."""
+    if not isinstance(a, tuple):
+        return fn(a, b)
+    return pytree.tree_map(lambda x, y: fn(x, y) if isinstance(x, Tensor) else x, a, b)
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """Every further name of a weight or buffer that ``model`` holds under several names (tied
+    weights) -> the name ``named_parameters`` / ``named_buffers`` give it."""
+    aliases: dict[str, str] = {}
+    for named in (model.named_parameters, model.named_buffers):
+        first = {id(t): k for k, t in named()}
+        aliases |= {k: first[id(t)] for k, t in named(remove_duplicate=False) if first[id(t)] != k}
+    return aliases
 
 
 def _name(node: fx.Node) -> str:

@@ -3,18 +3,24 @@
 torchrun starts one process per rank and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR`` and ``MASTER_PORT`` in each. :func:`join` reads them and initializes
 ``torch.distributed``: gloo for a CPU replay, NCCL for a GPU one, where a plain ``cuda`` device
-becomes ``cuda:<LOCAL_RANK>``. Without them it gives one rank, no process group, and every
-collective below does nothing.
+becomes ``cuda:<LOCAL_RANK mod n>`` of the ``n`` GPUs the process sees: GPU ``LOCAL_RANK`` where
+every process sees the node's GPUs, its own where each sees one (a per-task
+``CUDA_VISIBLE_DEVICES``, as under SLURM). An explicit ordinal is kept, with a warning when the
+ranks of a node then likely share one GPU. Without them it gives one rank, no process group, and
+every collective below does nothing.
 
 The ranks never exchange results: each computes whole snapshots and writes them itself. They
 only meet at a few points to agree that every rank got there (:meth:`Ranks.agree`, which also
 carries a failing rank's message to the others, so no rank waits forever for a dead peer), and
-reduce a few numbers for the summary. No collective pickles (the ``*_object`` ones are not used).
+reduce a few numbers: the manifest's length and the memory budget (the smallest of the ranks', so
+that every rank plans the same blocks), and the summary's. No collective pickles (the
+``*_object`` ones are not used).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +30,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from recorder.rundir.errors import ReplayError
+from recorder.rundir.errors import ReplayError, ReplayWarning
 
 # A rank that finishes its share early waits at the final barrier for the slowest, however long
 # their snapshots take; a rank that dies is detected by torchrun, which then stops the others.
@@ -89,14 +95,35 @@ class Ranks:
         return t.tolist()
 
     def place(self, device: str) -> str:
-        """The device this rank replays on: a plain ``cuda`` becomes ``cuda:<local_rank>`` in a
-        distributed job; anything else is kept."""
+        """The device this rank replays on: a plain ``cuda`` becomes the rank's GPU in a
+        distributed job (:func:`_rank_device`); anything else is kept."""
         return _rank_device(device, self.local_rank) if self.device is not None else device
 
 
 def _rank_device(device: str, local_rank: int) -> str:
-    """A plain ``cuda`` names the GPU of the rank's ``LOCAL_RANK``; other devices stay as given."""
-    return f"cuda:{local_rank}" if device == "cuda" else device
+    """A plain ``cuda`` names GPU ``local_rank mod n`` of the ``n`` this process sees
+    (``cuda:<local_rank>`` where it sees none: the error comes where it is used); other devices
+    stay as given."""
+    if device != "cuda":
+        return device
+    count = torch.cuda.device_count()
+    return f"cuda:{local_rank % count if count else local_rank}"
+
+
+def _warn_if_shared(device: str, target: torch.device) -> None:
+    """Warn when an explicit ordinal ``device`` puts the ranks of this node (``LOCAL_WORLD_SIZE``)
+    on one GPU: each sees several, so likely the same ones, and takes the same of them."""
+    local_ranks, count = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+    if target.type == "cuda" and device != "cuda" and local_ranks > 1 and count > 1:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        warnings.warn(
+            f"--device {device}: each of the {local_ranks} ranks on this node replays on {target} of "
+            f"the {count} GPUs it sees (CUDA_VISIBLE_DEVICES={visible or 'unset: all of the node'}), "
+            "so unless each rank sees other GPUs they share one, which NCCL refuses; --device cuda "
+            f"gives each rank GPU LOCAL_RANK mod {count}",
+            ReplayWarning,
+            stacklevel=3,
+        )
 
 
 @contextmanager
@@ -113,6 +140,7 @@ def join(device: str) -> Iterator[Ranks]:
     try:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         target = torch.device(_rank_device(device, local_rank))
+        _warn_if_shared(device, target)
     except (ValueError, RuntimeError) as e:
         raise ReplayError(f"torchrun environment or device {device!r} is not usable ({e})") from None
     on_gpu = target.type == "cuda"

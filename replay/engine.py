@@ -22,29 +22,39 @@ their float32 rounding, 1e-7 relative, meets no cancellation, and a float64 forw
 cost as much as the float32 pass it serves): from the per-sample pass when one block holds every
 probe, else from one forward pass.
 
+Semantics: the model is evaluated in eval mode (normalization layers with the running statistics
+of the snapshot, no dropout), for the gradients as for the changes; the virtual step moves the
+trainable weights only (:mod:`replay.state`). Where the snapshot's arithmetic fails on a part of
+the model (an operation without a float32 kernel, forward-mode derivative or batching rule),
+the snapshot is computed as a float64 difference instead, exact for any model, and the result
+says so (:data:`FALLBACK_NOTES`, stored by :mod:`replay.store`).
+
 On a CPU the engine has glibc keep freed memory (:func:`_retain_freed_memory`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from recorder.losses import per_sample_loss
 from recorder.models import build_model, check_state_matches
 from recorder.rundir.errors import ReplayError, ReplayWarning, UnsupportedModel
 from recorder.rundir.snapshot import Snapshot
 from recorder.rundir.spec import RunSpec
-from replay.batching import BATCHINGS
+from replay.batching import BATCHINGS, Loop
 from replay.changes import Difference, OutputChanges, Propagation
-from replay.check import ErrorCheck, Kept, amplification
+from replay.check import EXACT, ErrorCheck, Kept, amplification
 from replay.config import ReplayConfig
 from replay.difference import BaseState, ChangePropagator
 from replay.grads import block_updates, network_dtype, per_sample_grads, update_norms
@@ -59,10 +69,16 @@ from replay.plan import (
     rows_per_chunk,
 )
 from replay.precision import AUTO_TARGET, Precision, no_tf32, predicted_error
-from replay.state import cast, snapshot_state
-from replay.updates import gradient_scale, update_rule
+from replay.state import cast, frozen_names, retype, retyped, snapshot_state, uncompiled
+from replay.updates import gradient_scale, record_on_device, update_rule
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+EVALUATION_MODE = "eval"  # how replay evaluates the model (module docstring), as a store records it
+# Why a snapshot was computed otherwise than its precision says (SnapshotResult.fallback: 1 + the
+# index here; 0: it was not); the store keeps the codes and these notes.
+FALLBACK_NOTES = (
+    "the arithmetic of the precision failed on this model; computed as a float64 difference (exact)",
+)
 
 
 @dataclass
@@ -81,6 +97,7 @@ class SnapshotResult:
     amplification: Tensor  # [R]
     error_estimate: float = math.nan
     arithmetic: str = ""  # the arithmetic that computed it (``auto``: the one it settled on)
+    fallback: int = 0  # 1 + the index of its note in FALLBACK_NOTES where it fell back, else 0
 
 
 @functools.cache
@@ -98,6 +115,20 @@ def _retain_freed_memory() -> None:
         return
     libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
     libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
+
+
+@contextlib.contextmanager
+def _composable_attention() -> Iterator[None]:
+    """Within: ``nn.MultiheadAttention`` and the transformer layers compute attention by their
+    plain operations rather than a fused kernel that has no forward-mode derivative (the same
+    values, the fused kernel being an optimization of inference)."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 @dataclass
@@ -158,6 +189,7 @@ class Engine:
         if self.device.type == "cpu":
             _retain_freed_memory()
         self.model = build_model(spec.model).eval().to(self.device)
+        self.frozen = frozen_names(self.model, spec.extra)
         self.inputs, self.targets = inputs, targets
         self.budget = config.memory_budget or default_memory_budget(self.device)
         try:
@@ -175,7 +207,14 @@ class Engine:
         self.strategy = choose_strategy(config.strategy, self.device.type, self.facts, len(inputs))
         self.batching = BATCHINGS[self.strategy]
         self.check = ErrorCheck(
-            self.model, self.propagator, inputs, self.device, self.batching, self.measures, config.ratio_eps
+            self.model,
+            self.propagator,
+            inputs,
+            self.device,
+            self.batching,
+            self.measures,
+            config.ratio_eps,
+            self.frozen,
         )
 
     @property
@@ -196,18 +235,54 @@ class Engine:
         within the tolerance.
         """
         where = f"snapshot step {snapshot.step}"
+        snapshot = uncompiled(snapshot, dict(self.model.named_parameters()))
         check_state_matches(self.model, snapshot.params, where)
         if snapshot.nonfinite:
             return self._nan(where, snapshot.nonfinite)
         # ``auto`` decides per snapshot, from that snapshot alone, so that a resumed or distributed
         # replay gives the same arrays as one uninterrupted process.
-        with no_tf32(self.device):
-            result = self.precision.settle(
-                lambda arithmetic, fallback: self._evaluate(snapshot, arithmetic, fallback),
-                lambda result, kept: self.check.estimate(snapshot, result, kept),
-            )
+        with no_tf32(self.device), _composable_attention():
+            try:
+                result = self.precision.settle(
+                    lambda arithmetic, fallback: self._evaluate(snapshot, arithmetic, fallback),
+                    lambda result, kept: self.check.estimate(snapshot, result, kept),
+                )
+            except ReplayError:
+                raise
+            except Exception as e:  # noqa: BLE001 - whatever the model's operations raise there
+                if self.arithmetic == EXACT:
+                    raise
+                result = self._exact(where, snapshot, e)
         self.precision.judge(where, result)
         return result
+
+    def _exact(self, where: str, snapshot: Snapshot, error: Exception) -> SnapshotResult:
+        """``snapshot`` as a float64 difference, where its own arithmetic raised ``error``, with a
+        warning and the note :data:`FALLBACK_NOTES` ``[0]``."""
+        warnings.warn(
+            f"{where}: {FALLBACK_NOTES[0]} ({type(error).__name__}: {str(error).splitlines()[0][:200]})",
+            ReplayWarning,
+            stacklevel=3,
+        )
+        with self._looping():
+            evaluated = self._evaluate(snapshot, EXACT)
+            assert evaluated is not None, "without a fallback, a pass runs to its end"
+            result, kept = evaluated
+            result.error_estimate = self.check.estimate(snapshot, result, kept)
+        result.fallback = 1
+        return result
+
+    @contextlib.contextmanager
+    def _looping(self) -> Iterator[None]:
+        """Within: the ``loop`` strategy, one plain call per row (no batching rule needed)."""
+        planned = self.strategy, self.batching
+        self.strategy, self.batching = Loop.name, BATCHINGS[Loop.name]
+        self.check.batching = self.batching
+        try:
+            yield
+        finally:
+            self.strategy, self.batching = planned
+            self.check.batching = self.batching
 
     def _nan(self, where: str, nonfinite: list[str]) -> SnapshotResult:
         """The result of a snapshot with non-finite weights ``nonfinite``: NaN, with a warning."""
@@ -239,6 +314,7 @@ class Engine:
         instead, continuing with the gradients and updates already computed where ``fallback`` runs
         the same blocks (the result is the one ``fallback`` alone gives); else None: start afresh."""
         run = self._start(snapshot, arithmetic)
+        snapshot = record_on_device(self.config.update, snapshot, self.device, arithmetic.fast)
         predict = fallback is not None and needs(self.measures)[0]
         for chunk in run.chunks:
             grads, updates, norms = self._block(snapshot, run, chunk)
@@ -265,7 +341,7 @@ class Engine:
         """A pass of ``snapshot`` in ``arithmetic``: its state, blocks and, but where one block of a
         difference holds every probe (its per-sample pass gives them), its base outputs."""
         exact, fast = arithmetic.exact, arithmetic.fast
-        params, buffers = snapshot_state(self.model, snapshot, self.device, exact)
+        params, buffers = snapshot_state(self.model, snapshot, self.device, exact, self.frozen)
         x, y = cast(self.inputs, self.device, exact), cast(self.targets, self.device, exact)
         network = network_dtype(self.loss, arithmetic)
         update_params = {k: v.to(fast) for k, v in params.items()}
@@ -282,8 +358,8 @@ class Engine:
             network=network,
             update_params=update_params,
             grad_params=grad_params,
-            grad_buffers={k: v.to(network) for k, v in buffers.items()},
-            grad_x=x.to(network),
+            grad_buffers=retyped(buffers, network),
+            grad_x=retype(x, network),
             chunks=chunks,
             keep=keep,
             kept=Kept.empty(update_params, exact, None),
@@ -343,8 +419,8 @@ class Engine:
             assert run.nodes is not None, "a propagating pass starts with _propagate"
             return self._propagation(run.nodes, fast)
         base = run.network_base if run.network == fast else None
-        buffers = {k: v.to(fast) for k, v in run.buffers.items()}
-        return self._difference(run.update_params, buffers, run.x.to(fast), base)
+        buffers = retyped(run.buffers, fast)
+        return self._difference(run.update_params, buffers, retype(run.x, fast), base)
 
     def _difference(
         self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, base: Tensor | None

@@ -13,6 +13,9 @@
   convolutions).
 - **Chunk size** (:func:`rows_per_chunk`): how many updated probes are processed at once within
   the memory budget.
+- **The whole plan** (:func:`check_plan_fits`): what a replay holds besides that block (one
+  snapshot's results, the probe set, the model) must fit the memory budget too, or the replay
+  is refused before it starts.
 
 The choices are pure functions of a few facts about the model (:class:`ModelFacts`), so that
 they can be tested without timing; ``cli.py bench`` times every candidate and reports whether
@@ -64,6 +67,11 @@ ACTIVATION_COPIES = 3
 # (2.4e6 values); the CPU threshold (8.4e6: ResNet-18 from P = 55) extrapolates that, the GPU's
 # is a guess for cli.py bench --device cuda to confirm.
 LOOP_ACTIVATIONS = {"cpu": 1 << 23, "cuda": 1 << 27}
+# Memory model of the whole plan besides the block, in float64 values: one snapshot's results,
+# every measure [P, P] twice (as computed, and stacked for the class pairs), and the probe set
+# and the model's weights twice each (as read, and on the device).
+RESULT_COPIES = 2
+INPUT_COPIES = 2
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,37 @@ def rows_per_chunk(
         num_probes * facts.activations * (exact + fast) if arithmetic.changes.propagates else 0
     )
     return max(1, min(num_probes, (budget - shared) // per_row))
+
+
+def plan_bytes(num_probes: int, num_measures: int, values_per_probe: int, num_params: int) -> int:
+    """Bytes a replay holds besides the block of updated probes (see ``RESULT_COPIES``): one
+    snapshot's ``num_measures`` results ``[P, P]``, ``num_probes`` probes of ``values_per_probe``
+    values (input and target) and ``num_params`` weights."""
+    results = RESULT_COPIES * num_measures * num_probes**2
+    return 8 * (results + INPUT_COPIES * (num_probes * values_per_probe + num_params))
+
+
+def check_plan_fits(
+    num_probes: int, num_measures: int, values_per_probe: int, num_params: int, budget: int
+) -> None:
+    """Raise :class:`ReplayError` unless :func:`plan_bytes` fits the memory ``budget`` (bytes),
+    saying how many probes would fit."""
+    need = plan_bytes(num_probes, num_measures, values_per_probe, num_params)
+    if need <= budget:
+        return
+    low, high = 0, num_probes  # the largest probe count that fits lies in [low, high)
+    while high - low > 1:
+        mid = (low + high) // 2
+        if plan_bytes(mid, num_measures, values_per_probe, num_params) <= budget:
+            low = mid
+        else:
+            high = mid
+    fits = f"at most {low} probes fit" if low else "not even one probe fits"
+    raise ReplayError(
+        f"{num_probes} probes need about {need / 2**30:.3g} GiB for one snapshot ({num_measures} "
+        f"measures [P, P] in float64, the probes and the model), more than the memory budget of "
+        f"{budget / 2**30:.3g} GiB: {fits}; raise --memory-budget, replay fewer --measures or record fewer probes"
+    )
 
 
 def default_memory_budget(device: torch.device) -> int:

@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -53,18 +53,47 @@ PREDICT_ROWS = 4  # rows of a block whose gradients and updates predict the floa
 EXACT = ARITHMETIC["float64"]
 
 
+# torch 2.9 on: per-operation ``fp32_precision`` settings (once a process sets one, reading the
+# old ``allow_tf32`` flags may raise, and they no longer cover every operation)
+FP32_PRECISION = hasattr(torch.backends.cudnn, "conv")
+
+
 @contextmanager
-def no_tf32(device: torch.device) -> Iterator[None]:
-    """Full float32 matmuls and convolutions on a GPU (cuDNN defaults to TF32)."""
-    if device.type != "cuda":
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+def _settings(*changes: tuple[Any, str, Any]) -> Iterator[None]:
+    """Each ``(owner, name, value)`` of ``changes`` set as ``owner.name = value``; every value
+    read before is restored after, in reverse order."""
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in changes]
     try:
+        for owner, name, value in changes:
+            setattr(owner, name, value)
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
+
+
+def ieee_float32() -> AbstractContextManager[None]:
+    """IEEE float32 arithmetic, no TF32, in CUDA matmuls and cuDNN convolutions and RNNs (cuDNN
+    defaults to TF32), the process's own settings restored exactly after: the ``fp32_precision``
+    of each where torch has them (:data:`FP32_PRECISION`), else the ``allow_tf32`` flags."""
+    if FP32_PRECISION:
+        cudnn = torch.backends.cudnn
+        precisions = (torch.backends.cuda.matmul, cudnn.conv, cudnn.rnn)  # type: ignore[attr-defined]
+        return _settings(*((owner, "fp32_precision", "ieee") for owner in precisions))
+    owners = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    return _settings(*((owner, "allow_tf32", False) for owner in owners))
+
+
+def deterministic_cudnn() -> AbstractContextManager[None]:
+    """cuDNN's deterministic algorithms and no benchmarking (which picks each convolution's
+    algorithm by timing, so possibly differently in each process), restored after."""
+    cudnn = torch.backends.cudnn
+    return _settings((cudnn, "deterministic", True), (cudnn, "benchmark", False))
+
+
+def no_tf32(device: torch.device) -> AbstractContextManager[None]:
+    """Full float32 matmuls and convolutions on a GPU (:func:`ieee_float32`); nothing elsewhere."""
+    return ieee_float32() if device.type == "cuda" else nullcontext()
 
 
 def predicted_error(

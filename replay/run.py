@@ -12,8 +12,10 @@ steps that all ranks finish (and agree on: one rank's failure stops all) before 
    snapshots only, each snapshot's ``done`` flag last;
 4. rank 0 prints the summary.
 
-A result depends only on its snapshot, so any number of ranks gives the same store, bit for
-bit, as one process on the same kind of device.
+A result depends only on its snapshot and on the blocks of the memory budget, which every rank
+takes from the smallest of the ranks' budgets, and cuDNN runs deterministic algorithms during the
+replay (:func:`~replay.precision.deterministic_cudnn`): any number of ranks gives the same store,
+bit for bit, as one process with that budget on the same kind of device.
 """
 
 from __future__ import annotations
@@ -33,13 +35,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from recorder.models import check_state_matches, probe_outputs, rebuild_model
+from recorder.models import check_fits_before_building, check_state_matches, probe_outputs, rebuild_model
 from recorder.rundir.errors import CorruptSnapshotError, ReplayWarning, RunDirError
 from recorder.rundir.run import RunDir
 from recorder.rundir.snapshot import Snapshot, SnapshotEntry
 from replay.config import ReplayConfig
 from replay.distributed import Ranks, join
 from replay.engine import Engine
+from replay.plan import check_plan_fits
+from replay.precision import deterministic_cudnn
 from replay.store import ReplayStore, exclusive_writer
 from replay.updates import RULES
 
@@ -62,7 +66,7 @@ def replay(
     does not fit its model, and :class:`~replay.config.ReplayError` for anything the replay
     cannot do (another replay holding the store included).
     """
-    with join(config.device) as ranks:
+    with join(config.device) as ranks, deterministic_cudnn():
         return _replay(
             Path(run_dir),
             dataclasses.replace(config, device=ranks.place(config.device)),
@@ -75,9 +79,12 @@ def replay(
 def _replay(run_dir: Path, config: ReplayConfig, ranks: Ranks, progress: bool, skip_corrupt: bool) -> Path:
     start = time.perf_counter()
     run, inputs, targets, model = _agreed(ranks, lambda: _check_run(RunDir(run_dir), config, skip_corrupt))
-    engine = _agreed(ranks, lambda: Engine(run.spec, inputs, targets, config))
-    # A recorder may still be appending to the manifest: every rank takes the same prefix.
-    entries = run.manifest[: int(ranks.reduce([len(run.manifest)], "min")[0])]
+    engine = _agreed(ranks, lambda: _engine(run, inputs, targets, config))
+    # A recorder may still be appending to the manifest: every rank takes the same prefix. Every
+    # rank plans the same blocks, those of the smallest memory budget (a default one follows each
+    # GPU's free memory), so that a snapshot's result does not depend on the rank computing it.
+    listed, budget = ranks.reduce([len(run.manifest), engine.budget], "min")
+    entries, engine.budget = run.manifest[: int(listed)], int(budget)
     path = run.path / f"{config.store_name}.zarr"
     store_args = (path, config, run.spec, entries, targets, engine.measure_names)
     with ExitStack() as held:
@@ -120,6 +127,17 @@ def _replay(run_dir: Path, config: ReplayConfig, ranks: Ranks, progress: bool, s
                 f"done -> {path}"
             )
     return path
+
+
+def _engine(run: RunDir, inputs: torch.Tensor, targets: torch.Tensor, config: ReplayConfig) -> Engine:
+    """The replay's engine, once the whole plan is known to fit its memory budget
+    (:func:`~replay.plan.check_plan_fits`)."""
+    engine = Engine(run.spec, inputs, targets, config)
+    values_per_probe = inputs[:1].numel() + targets[:1].numel()
+    check_plan_fits(
+        len(inputs), len(engine.measure_names), values_per_probe, engine.facts.num_params, engine.budget
+    )
+    return engine
 
 
 def _agreed(ranks: Ranks, fn: Callable[[], T]) -> T:
@@ -179,6 +197,9 @@ def _check_run(
             ReplayWarning,
             stacklevel=2,
         )
+    first = _first_readable(run, skip_corrupt, lambda entry: (entry, run.weight_skeleton(entry)))
+    if first is not None:  # the model is checked against the header before it is built
+        check_fits_before_building(spec.model, first[1], _where(run, first[0]))
     try:
         model = rebuild_model(spec.model)
     except RunDirError as e:
@@ -196,14 +217,25 @@ def _check_run(
             f"{run.path / 'spec.json'}: num_outputs is {spec.num_outputs}, but the model maps a probe "
             f"to outputs of shape {tuple(outputs.shape[1:])}"
         )
+    _first_readable(run, skip_corrupt, lambda entry: _load(run, entry, model, config))
+    return run, inputs, targets, model
+
+
+def _first_readable(run: RunDir, skip_corrupt: bool, read: Callable[[SnapshotEntry], T]) -> T | None:
+    """``read(entry)`` for the first listed snapshot that is not corrupt (None if there is none);
+    a corrupt one raises :class:`CorruptSnapshotError` unless ``skip_corrupt``."""
     for entry in run.manifest:
         try:
-            _load(run, entry, model, config)
-            break
+            return read(entry)
         except CorruptSnapshotError:
             if not skip_corrupt:
                 raise
-    return run, inputs, targets, model
+    return None
+
+
+def _where(run: RunDir, entry: SnapshotEntry) -> str:
+    """The snapshot file of ``entry`` and its step, as messages name it."""
+    return f"{run.path / entry.file} (step {entry.step})"
 
 
 def _load(run: RunDir, entry: SnapshotEntry, model: nn.Module, config: ReplayConfig) -> Snapshot:
@@ -211,7 +243,7 @@ def _load(run: RunDir, entry: SnapshotEntry, model: nn.Module, config: ReplayCon
     weights), and for a rule that reads the optimizer record (``recorded``) that the record is
     one the rule can use (:attr:`replay.updates.Rule.check`)."""
     snapshot = run.load_snapshot(entry)
-    where = f"{run.path / entry.file} (step {entry.step})"
+    where = _where(run, entry)
     check_state_matches(model, snapshot.params, where)
     check = RULES[config.update.rule].check
     if check is not None:

@@ -8,13 +8,16 @@ measure. Arrays (name: shape, dimension names):
 - ``step``, ``epoch``: ``[S]`` int64 (snapshot); ``done``: ``[S]`` bool (snapshot), set last;
 - ``probe_targets``: ``[P]`` (probe) classes or ``[P]`` / ``[P, C]`` (probe, output) targets;
 - ``base_outputs``: ``[S, P, C]`` (snapshot, probe, output); ``probe_loss``, ``update_norm``:
-  ``[S, P]`` (snapshot, probe); ``error_estimate``: ``[S]`` (snapshot);
+  ``[S, P]`` (snapshot, probe); ``error_estimate``: ``[S]`` (snapshot); ``fallback``: ``[S]``
+  int8 (snapshot), 0 or ``1 +`` the index of the note in the attribute ``fallback_notes`` why the
+  snapshot was computed otherwise than its precision says (:data:`replay.engine.FALLBACK_NOTES`);
 - ``measures/<m>``: ``[S, P, P]`` (snapshot, updated, observed);
 - ``classpairs/<m>/<stat>``: ``[S, K, K]`` (snapshot, observed_class, updated_class), one per stat
   of :data:`~replay.classpairs.STATS`, classification only.
 
 Attributes: ``config``, ``run_spec``, ``dtype``, ``precision``, ``measures``, ``classes`` (the
-``K`` class labels, null for regression), ``include_self``. Floating point arrays are of
+``K`` class labels, null for regression), ``include_self``, ``evaluation_mode`` (``eval``: running
+statistics of normalization layers, no dropout) and ``fallback_notes``. Floating point arrays are of
 ``dtype`` (the configuration's storage dtype) and filled with NaN, the others with zeros.
 
 Arrays ``[S, ...]`` are chunked one snapshot per chunk (``done`` included: a ``[S]`` array of
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +43,13 @@ import torch
 import zarr
 
 from recorder.rundir.errors import ReplayError, ResultsError
+from recorder.rundir.files import temp_sibling
 from recorder.rundir.snapshot import SnapshotEntry
 from recorder.rundir.spec import RunSpec
 from replay.classpairs import STATS, aggregate
 from replay.config import ReplayConfig
 from replay.crashsafe import exclusive_writer, flush_to_disk, read_chunkwise, remove_orphans
-from replay.engine import SnapshotResult
+from replay.engine import EVALUATION_MODE, FALLBACK_NOTES, SnapshotResult
 
 __all__ = ["ReplayStore", "StoredArray", "StoredReplay", "exclusive_writer", "open_store", "store_paths"]
 
@@ -62,6 +65,9 @@ class _ArraySpec:
     dtype: Any
     dims: tuple[str, ...]
     per_snapshot: bool = True
+    # added after stores were first released: an older store lacks it (read as its fill value,
+    # created when the store is resumed)
+    added_later: bool = False
 
     @property
     def fill(self) -> Any:
@@ -105,6 +111,7 @@ def _layout(
         "probe_loss": _ArraySpec((num_probes,), dtype, ("snapshot", "probe")),
         "update_norm": _ArraySpec((num_probes,), dtype, ("snapshot", "probe")),
         "error_estimate": _ArraySpec((), dtype, ("snapshot",)),
+        "fallback": _ArraySpec((), np.int8, ("snapshot",), added_later=True),
     }
     for m in measures:
         layout[_measure_key(m)] = _ArraySpec(
@@ -149,6 +156,8 @@ class _Plan:
             "measures": list(measures),
             "classes": classes,
             "include_self": config.include_self,
+            "evaluation_mode": EVALUATION_MODE,
+            "fallback_notes": list(FALLBACK_NOTES),
         }
         num_classes = len(classes or ())
         layout = _layout(targets_np, spec.num_outputs, num_classes, measures, config.storage_dtype)
@@ -185,9 +194,14 @@ class ReplayStore:
         extend it to ``entries`` (the run's manifest) and remove what killed writers left behind.
 
         ``targets`` ``[P]`` / ``[P, C]``: the run's probe targets. Raises :class:`ReplayError` when
-        ``path`` holds another configuration or another run, or cannot be written.
+        ``path`` holds another configuration or another run, is a symbolic link (never written
+        through), or cannot be written.
         """
         path = Path(path)
+        if path.is_symlink():
+            raise ReplayError(
+                f"{path}: is a symbolic link; refusing to write through it (choose another --name)"
+            )
         plan = _Plan.make(config, spec, targets, measures)
         try:
             remove_orphans(path)
@@ -231,6 +245,7 @@ class ReplayStore:
             a["probe_loss"][s] = result.probe_loss.numpy()
             a["update_norm"][s] = result.update_norm.numpy()
             a["error_estimate"][s] = result.error_estimate
+            a["fallback"][s] = result.fallback
             for name, S in result.measures.items():
                 a[_measure_key(name)][s] = S.numpy()
             if plan.labels is not None:
@@ -350,6 +365,8 @@ def _read(path: Path) -> StoredReplay:
     )
     arrays: dict[str, zarr.Array] = {}  # the layout's arrays, checked
     for name, spec in layout.items():
+        if spec.added_later and name not in group:
+            continue
         array, expected = group[name], spec.full_shape(num_stored)
         if not isinstance(array, zarr.Array) or array.shape != expected:
             shape = list(array.shape) if isinstance(array, zarr.Array) else "a group"
@@ -399,24 +416,31 @@ def _class_axis(path: Path, targets: np.ndarray, classes: Any) -> tuple[np.ndarr
 
 
 def _create(path: Path, plan: _Plan, n: int) -> None:
-    """Build the store in a temporary directory, flush it and rename it to ``path`` (atomic)."""
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    """Build the store in a new temporary directory (mode ``0o777`` less the umask), flush it and
+    rename it to ``path`` (atomic)."""
+    tmp = temp_sibling(path)
+    os.mkdir(tmp, 0o777)
     try:
         group = zarr.open_group(tmp, mode="w", attributes=plan.attrs, zarr_format=3)
         for name, spec in plan.layout.items():
-            group.create_array(
-                name,
-                shape=spec.full_shape(n),
-                chunks=spec.chunks,
-                dtype=spec.dtype,
-                fill_value=spec.fill,
-                dimension_names=spec.dims,
-            )
+            _create_array(group, name, spec, n)
         _array(group, "probe_targets")[...] = plan.targets
         flush_to_disk(tmp)
         os.rename(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _create_array(group: zarr.Group, name: str, spec: _ArraySpec, n: int) -> zarr.Array:
+    """The array ``name`` of ``spec`` for ``n`` snapshots in ``group``, filled with its fill value."""
+    return group.create_array(
+        name,
+        shape=spec.full_shape(n),
+        chunks=spec.chunks,
+        dtype=spec.dtype,
+        fill_value=spec.fill,
+        dimension_names=spec.dims,
+    )
 
 
 def _open_existing(path: Path, plan: _Plan, config: ReplayConfig, n: int) -> zarr.Group:
@@ -447,6 +471,10 @@ def _open_existing(path: Path, plan: _Plan, config: ReplayConfig, n: int) -> zar
     checked: dict[str, zarr.Array] = {}
     for name, spec in plan.layout.items():
         array = arrays[name]
+        if array is None and spec.added_later:  # a store from before the array existed
+            done = arrays["done"]
+            num_stored = done.shape[0] if isinstance(done, zarr.Array) else 0
+            array = _create_array(group, name, spec, num_stored)
         if not isinstance(array, zarr.Array) or array.dtype != np.dtype(spec.dtype):
             raise ReplayError(f"{path}: {name!r} is missing or has another dtype; {not_a_store}")
         if (array.shape[1:] if spec.per_snapshot else array.shape) != spec.shape:

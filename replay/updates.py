@@ -24,6 +24,7 @@ replay's checks all read it, so a new rule is one more :func:`register` call in 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,8 @@ from torch import Tensor, nn
 
 from recorder.rundir.errors import ReplayError, RunDirError
 from recorder.rundir.files import is_number
-from recorder.rundir.snapshot import OptimizerRecord
+from recorder.rundir.snapshot import OptimizerRecord, Snapshot
+from replay.state import cast
 
 if TYPE_CHECKING:  # replay.config reads the registry: imported for annotations only
     from replay.config import UpdateConfig
@@ -180,8 +182,10 @@ def _denominator(exp_avg_sq: Tensor, bias_correction2_sqrt: float, eps: float) -
 
 
 def _state(state: dict[str, Tensor], key: str, w: Tensor) -> Tensor:
-    """A state tensor on ``w``'s device and dtype; zeros where the optimizer has none yet."""
-    return state[key].to(w, copy=True) if key in state else torch.zeros_like(w)  # aligned copy: reproducible
+    """A state tensor ``[*shape]`` on ``w``'s device and dtype (itself where it is there already:
+    :func:`record_on_device` puts a snapshot's there once); zeros where the optimizer has none yet.
+    The steps never write into it."""
+    return state[key].to(w) if key in state else torch.zeros_like(w)
 
 
 # ----------------------------------------------------------------------------- the recorded optimizer
@@ -268,6 +272,25 @@ def _hyperparameters(record_type: str, group: dict[str, Any]) -> dict[str, Any]:
         hyper["betas"] = tuple(hyper["betas"])
         hyper["decoupled_weight_decay"] = record_type == "AdamW" or bool(group.get("decoupled_weight_decay"))
     return hyper
+
+
+def record_on_device(
+    config: UpdateConfig, snapshot: Snapshot, device: torch.device, dtype: torch.dtype
+) -> Snapshot:
+    """``snapshot`` with its optimizer record's state tensors shaped like their parameters
+    (``[*shape]`` each; a step count stays where it is) on ``device`` in ``dtype``, where the rule
+    of ``config`` reads the record (``snapshot`` itself elsewhere): moved once for every block of
+    a pass, not by each block. Fresh copies (:func:`~replay.state.cast`): CPU kernels round
+    differently with the alignment of their data, and tensors read from a file may sit at any
+    address."""
+    record = snapshot.optimizer
+    if record is None or not RULES[config.rule].needs_state:
+        return snapshot
+    state = {
+        name: {k: cast(v, device, dtype) if k in _STATE_KEYS else v for k, v in tensors.items()}
+        for name, tensors in record.state.items()
+    }
+    return dataclasses.replace(snapshot, optimizer=dataclasses.replace(record, state=state))
 
 
 def recorded_update(

@@ -179,6 +179,20 @@ def test_recorder_logs_metrics_and_leaves_the_random_stream_alone(tmp_path):
 # ----------------------------------------------------------------------------- schedules
 
 
+def test_frozen_parameters_are_listed_for_replay_and_a_fully_trained_model_lists_none(tmp_path):
+    """Replay holds frozen weights fixed (``replay.state.frozen_names``): the recorder names them."""
+    model = build_model(BN_SPEC)
+    first = next(iter(model.parameters()))
+    first.requires_grad_(False)
+    with _recorder(tmp_path / "frozen", model, None):
+        pass
+    name = next(iter(dict(model.named_parameters())))
+    assert RunDir(tmp_path / "frozen").spec.extra["frozen"] == [name]
+    with _recorder(tmp_path / "all", build_model(BN_SPEC), None):
+        pass
+    assert "frozen" not in RunDir(tmp_path / "all").spec.extra
+
+
 def test_schedule_every_and_at():
     every = Schedule.every(5)
     assert [s for s in range(21) if every.due(s)] == [0, 5, 10, 15, 20]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -61,6 +62,7 @@ def test_store_follows_the_readme_layout(run, reference):
         "probe_loss": ((S, P), ("snapshot", "probe")),
         "update_norm": ((S, P), ("snapshot", "probe")),
         "error_estimate": ((S,), ("snapshot",)),
+        "fallback": ((S,), ("snapshot",)),
     }
     for m in MEASURES:
         expected[f"measures/{m}"] = ((S, P, P), ("snapshot", "updated", "observed"))
@@ -158,6 +160,18 @@ def test_rerun_skips_done_snapshots(run, reference, monkeypatch, capsys):
     )
     assert replay(run, again) == reference
     assert "replayed 0 snapshots (3 already done)" in capsys.readouterr().out
+
+
+def test_a_store_written_before_the_fallback_array_reads_and_resumes(run, reference, tmp_path):
+    """Stores from before ``fallback`` existed: analyses read them, and a resume adds the array."""
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    store = old / reference.name
+    shutil.rmtree(store / "fallback")
+    assert open_store(store).done.all()
+    replay(old, CONFIG, progress=False)
+    assert zarr.open_group(store, mode="r")["fallback"][:].tolist() == [0, 0, 0]
+    assert open_store(store).done.all()
 
 
 def test_a_store_with_another_configuration_is_refused(run, reference):

@@ -24,6 +24,7 @@ from analyses.theory.families import FAMILIES
 from analyses.theory.runs import TheoryRun, load_theory_run, sgd_store
 from recorder.datasets import theory_model_spec, theory_setup
 from recorder.rundir.errors import RunDirError
+from recorder.rundir.files import make_folder
 from replay.classpairs import aggregate
 
 NUM_CLASSES = 2  # the mixture of SPEC §6.1
@@ -116,7 +117,7 @@ def plot_family(
         raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
     fam = FAMILIES[family]
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     if run_dir is None:
         foreign = [p for p in settings or {} if p not in fam.presets]
         if not settings or foreign:

@@ -1,18 +1,23 @@
-"""Crash-safe writes, checksums and JSON, with nothing but the standard library.
+"""Crash-safe writes, bounded reads, checksums and JSON, with nothing but the standard library.
 
 Every file of a run directory (and every file the project writes beside it) goes through
-:func:`atomic_write_bytes`: a temporary file in the same folder, then a rename, so a reader sees
-the old file or the new one, never a torn one. Every JSON text read from a run directory goes
-through :func:`parse_json`, every value written as JSON through :func:`to_json`.
+:func:`atomic_write_bytes`: a new temporary file in the same folder, then a rename, so a reader
+sees the old file or the new one, never a torn one, and a symbolic link planted at the file's
+name is replaced, never followed. Every other open goes through :func:`open_regular` (no
+symbolic links, regular files only), every read of a run directory's file through
+:func:`read_file` (its size checked before reading), every JSON text read through
+:func:`parse_json`, every value written as JSON through :func:`to_json`.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +25,27 @@ from recorder.rundir.errors import RunDirError
 
 Buffer = bytes | bytearray | memoryview
 MAX_INT = 2**63 - 1  # steps, epochs and sizes must fit an int64
+MAX_JSON_BYTES = 64 << 20  # spec.json, manifest.json, group.json: read only up to this size
+MAX_JSON_DEPTH = 100  # deeper JSON is refused: code that walks it recursively would overflow
+
+
+def temp_sibling(path: Path) -> Path:
+    """A fresh name beside ``path`` for a temporary file or folder: ``.<name>.<random>.tmp``."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
 
 
 def atomic_write_bytes(path: str | os.PathLike, *chunks: Buffer, durable: bool = True) -> None:
     """Write the concatenation of ``chunks`` to ``path`` via a temporary file and a rename, so
     ``path`` is either absent or complete; ``durable``: fsync the file before the rename and the
-    directory after it, so it is also on disk (else see :func:`fsync_path`)."""
+    directory after it, so it is also on disk (else see :func:`fsync_path`).
+
+    The temporary file is new (``O_EXCL``: never an existing file or link) and created with mode
+    ``0o666`` less the umask, as any new file; the rename replaces whatever ``path`` is, a
+    symbolic link included, without following it.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temp_sibling(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
@@ -37,15 +55,88 @@ def atomic_write_bytes(path: str | os.PathLike, *chunks: Buffer, durable: bool =
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     if durable:
         fsync_path(path.parent)
 
 
+def make_folder(path: str | os.PathLike) -> Path:
+    """Create the folder ``path`` (and its parents) unless it exists; raise :class:`RunDirError`
+    when ``path`` is a symbolic link, so that files written into it stay where they are meant to."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():
+        raise RunDirError(f"{path}: is a symbolic link; refusing to write through it")
+    return path
+
+
+def open_regular(
+    path: str | os.PathLike,
+    flags: int = os.O_RDONLY,
+    mode: int = 0o666,
+    error: type[RunDirError] = RunDirError,
+) -> int:
+    """``os.open(path, flags, mode)`` for a regular file only: never through a symbolic link
+    (``O_NOFOLLOW``), never blocking on a FIFO (``O_NONBLOCK``); a link, FIFO, device, socket or
+    folder raises ``error`` naming ``path``, other failures ``OSError``. Returns the descriptor."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise error(f"{path}: is a symbolic link; refusing to follow it") from None
+        if e.errno == errno.ENXIO:  # a FIFO without a reader, or a socket
+            raise error(f"{path}: not a regular file") from None
+        raise
+    kind = stat.S_IFMT(os.fstat(fd).st_mode)
+    if kind != stat.S_IFREG:
+        os.close(fd)
+        raise error(f"{path}: not a regular file ({_KINDS.get(kind, 'special file')})")
+    return fd
+
+
+_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def read_file(
+    path: str | os.PathLike,
+    limit: int,
+    error: type[RunDirError] = RunDirError,
+    missing: str = "missing",
+    allowed: str = "allowed",
+    length: int | None = None,
+) -> bytes:
+    """The bytes of the regular file ``path`` (its first ``length`` bytes, if given), after
+    checking its size against ``limit`` (bytes; ``allowed`` says whose limit in the message).
+
+    Every failure raises ``error`` naming ``path``: missing (message ``missing``), a symbolic
+    link or not a regular file (:func:`open_regular`), larger than ``limit``, unreadable.
+    """
+    try:
+        fd = open_regular(path, error=error)
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except (OSError, ValueError) as e:  # ValueError: a name the OS cannot take
+        raise error(f"{path}: unreadable ({e})") from None
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise error(f"{path}: {size} bytes, more than the {limit} bytes {allowed}")
+        try:
+            return f.read(size if length is None else min(length, size))
+        except OSError as e:
+            raise error(f"{path}: unreadable ({e})") from None
+
+
 def fsync_path(path: str | os.PathLike) -> None:
     """fsync a file or a directory by its path."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -53,6 +144,7 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """:func:`atomic_write_bytes` of ``obj`` as indented JSON with sorted keys."""
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
@@ -67,7 +159,6 @@ def sha256(*chunks: Buffer) -> str:
 def finite_or_none(x: float | None) -> float | None:
     """JSON has no NaN/Inf: store them as null."""
     return None if x is None or not math.isfinite(x) else float(x)
-
 
 
 def to_json(value: Any) -> Any:
@@ -101,10 +192,27 @@ def is_number(value: Any) -> bool:
 
 
 def parse_json(text: str | bytes, where: str, error: type[RunDirError] = RunDirError) -> Any:
-    """``json.loads`` with every failure (syntax, nesting depth, huge integers) an ``error``."""
+    """``json.loads`` with every failure (syntax, nesting deeper than ``MAX_JSON_DEPTH``, huge
+    integers) an ``error``."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise error(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except (ValueError, RecursionError) as e:  # undecodable bytes, an integer too long, nesting too deep
         raise error(f"{where}: not valid JSON ({type(e).__name__})") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise error(f"{where}: JSON nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in the parsed JSON ``value`` (0 for a scalar), without
+    recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest

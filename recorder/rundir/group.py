@@ -11,7 +11,6 @@ was meant to hold; a member without snapshots is simply incomplete.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from recorder.rundir.errors import RunDirError
-from recorder.rundir.files import atomic_write_json
+from recorder.rundir.files import MAX_JSON_BYTES, atomic_write_json, make_folder, parse_json, read_file
 
 GROUP_FILE = "group.json"
 GROUP_FORMAT = 1
@@ -66,7 +65,7 @@ def record_group(
     path = Path(group_dir)
     if is_group(path) or (path / "spec.json").exists():
         raise RunDirError(f"{path}: already holds a run or a run group; choose a new directory")
-    path.mkdir(parents=True, exist_ok=True)
+    make_folder(path)
     members: list[dict[str, Any]] = [{"dir": member_name(k), "seed": seed + k} for k in range(runs)]
     atomic_write_json(
         path / GROUP_FILE, {"format": GROUP_FORMAT, "preset": preset, "config": config, "runs": members}
@@ -80,12 +79,10 @@ def read_group(group_dir: str | os.PathLike) -> RunGroup:
     """Read ``group.json``; raise :class:`RunDirError` when it is missing or malformed."""
     path = Path(group_dir)
     where = path / GROUP_FILE
-    try:
-        obj = json.loads(where.read_text())
-    except FileNotFoundError:
-        raise RunDirError(f"{path}: not a run group (no {GROUP_FILE})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunDirError(f"{where}: unreadable ({e})") from None
+    data = read_file(
+        where, MAX_JSON_BYTES, missing=f"not a run group (no {GROUP_FILE})", allowed="a JSON file may hold"
+    )
+    obj = parse_json(data, str(where))
     runs = obj.get("runs") if isinstance(obj, dict) else None
     if not isinstance(runs, list) or not runs:
         raise RunDirError(f"{where}: expected an object with a non-empty 'runs' list")

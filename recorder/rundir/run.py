@@ -19,7 +19,6 @@ read from a run directory is executed (JSON and safetensors only, no pickle).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,15 @@ import torch
 from safetensors.torch import save as st_save
 
 from recorder.rundir.errors import CorruptSnapshotError, RunDirError
-from recorder.rundir.files import atomic_write_bytes, atomic_write_json, parse_json, sha256
+from recorder.rundir.files import (
+    MAX_JSON_BYTES,
+    atomic_write_bytes,
+    atomic_write_json,
+    make_folder,
+    parse_json,
+    read_file,
+    sha256,
+)
 from recorder.rundir.snapshot import (
     WEIGHT_DTYPES,
     Snapshot,
@@ -36,10 +43,13 @@ from recorder.rundir.snapshot import (
     decode_snapshot,
     encode_snapshot,
     load_safetensors,
+    weight_skeleton,
 )
 from recorder.rundir.spec import RunSpec
 from recorder.rundir.trajectory import FORMAT_VERSION, TrajectoryWriter
 
+MAX_METRICS_BYTES = 1 << 30  # metrics.jsonl is read only up to this size
+MAX_PROBES_BYTES = 16 << 30  # probes.safetensors is read only up to this size
 PROBE_DTYPES = WEIGHT_DTYPES + (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
@@ -84,18 +94,10 @@ class RunDir:
         self.spec = RunSpec.from_json(self._read_json("spec.json"), where=str(self.path / "spec.json"))
         self.manifest = self._read_manifest()
 
-    def _read_bytes(self, name: str, error: type[RunDirError] = RunDirError, what: str = "missing") -> bytes:
-        """The bytes of ``name`` (relative to the run directory); failures raise ``error``."""
-        p = self.path / name
-        try:
-            return p.read_bytes()
-        except FileNotFoundError:
-            raise error(f"{p}: {what}") from None
-        except (OSError, ValueError) as e:  # ValueError: a name the OS cannot take
-            raise error(f"{p}: unreadable ({e})") from None
-
     def _read_json(self, name: str) -> Any:
-        return parse_json(self._read_bytes(name), str(self.path / name))
+        """The JSON file ``name`` (relative to the run directory), at most ``MAX_JSON_BYTES``."""
+        p = self.path / name
+        return parse_json(read_file(p, MAX_JSON_BYTES, allowed="a JSON file may hold"), str(p))
 
     def _read_manifest(self) -> list[SnapshotEntry]:
         where = str(self.path / "manifest.json")
@@ -117,7 +119,7 @@ class RunDir:
     def probes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The probe set: inputs [P, ...] and targets [P] (int64 classes) or [P, C] (floats), finite."""
         p = self.path / "probes.safetensors"
-        tensors = load_safetensors(self._read_bytes("probes.safetensors"), str(p))
+        tensors = load_safetensors(read_file(p, MAX_PROBES_BYTES, allowed="a probe set may hold"), str(p))
         if set(tensors) != {"inputs", "targets"}:
             raise RunDirError(f"{p}: expected tensors 'inputs' and 'targets', found {sorted(tensors)[:4]}")
         inputs, targets = tensors["inputs"], tensors["targets"]
@@ -128,14 +130,26 @@ class RunDir:
             raise RunDirError(f"{p}: {problem}")
         return inputs, targets
 
+    def _read_snapshot(self, entry: SnapshotEntry, length: int | None = None) -> bytes:
+        """The bytes of the snapshot file of ``entry`` (its first ``length``), refused before
+        reading when the file is larger than the manifest says (:class:`CorruptSnapshotError`)."""
+        return read_file(
+            self.path / entry.file,
+            entry.bytes,
+            CorruptSnapshotError,
+            missing=f"listed in the manifest (step {entry.step}) but missing",
+            allowed=f"the manifest lists for step {entry.step}",
+            length=length,
+        )
+
     def load_snapshot(self, entry: SnapshotEntry, verify: bool = True) -> Snapshot:
-        """Read one listed snapshot, checking its size and checksum unless ``verify`` is False.
+        """Read one listed snapshot, checking its size and checksum unless ``verify`` is False
+        (a file larger than the manifest says is never read).
 
         A missing, unreadable, truncated or corrupted file raises :class:`CorruptSnapshotError`.
         """
         p = self.path / entry.file
-        missing = f"listed in the manifest (step {entry.step}) but missing"
-        data = self._read_bytes(entry.file, CorruptSnapshotError, missing)
+        data = self._read_snapshot(entry)
         if verify and (len(data) != entry.bytes or sha256(data) != entry.sha256):
             raise CorruptSnapshotError(
                 f"{p}: checksum mismatch (step {entry.step}): the file is truncated or corrupted"
@@ -146,15 +160,24 @@ class RunDir:
         snap.nonfinite = [k for k, v in snap.params.items() if not torch.isfinite(v).all()]
         return snap
 
+    def weight_skeleton(self, entry: SnapshotEntry) -> dict[str, torch.Tensor]:
+        """The parameters of the snapshot of ``entry`` as tensors on the ``meta`` device (names,
+        shapes, dtypes), read from its safetensors header alone: no tensor data is read.
+        Raises :class:`CorruptSnapshotError` for a missing file or a malformed header."""
+        p = self.path / entry.file
+        return weight_skeleton(lambda n: self._read_snapshot(entry, n), str(p))
+
     def metrics(self) -> list[dict[str, Any]]:
         """Per-step / per-epoch metrics (``metrics.jsonl``); torn or malformed lines are ignored."""
-        if not (self.path / "metrics.jsonl").exists():
+        p = self.path / "metrics.jsonl"
+        if not p.exists():
             return []
         rows = []
-        for line in self._read_bytes("metrics.jsonl").decode(errors="replace").splitlines():
+        data = read_file(p, MAX_METRICS_BYTES, allowed="metrics.jsonl may hold")
+        for line in data.decode(errors="replace").splitlines():
             try:
-                row = json.loads(line)
-            except (ValueError, RecursionError):
+                row = parse_json(line, str(p))
+            except RunDirError:
                 continue
             if isinstance(row, dict):
                 rows.append(row)
@@ -169,7 +192,7 @@ def create_run_dir(
     path = Path(path)
     if (path / "manifest.json").exists() or (path / "spec.json").exists():
         raise RunDirError(f"{path}: already holds a run; choose a new run directory")
-    (path / "snapshots").mkdir(parents=True, exist_ok=True)
+    make_folder(path / "snapshots")
     atomic_write_json(path / "spec.json", spec.to_json())
     probes = {"inputs": inputs.detach().cpu().contiguous(), "targets": targets.detach().cpu().contiguous()}
     atomic_write_bytes(path / "probes.safetensors", st_save(probes))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +24,7 @@ from recorder.rundir.files import is_int, is_number, parse_json
 from recorder.rundir.trajectory import optimizer_metadata, safetensors_header, snapshot_metadata
 
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit on a header
 
 
 def load_safetensors(
@@ -34,7 +36,6 @@ def load_safetensors(
         return st_load(data)
     except Exception as e:  # noqa: BLE001 - untrusted bytes: any failure means unreadable
         raise error(f"{where}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-
 
 
 @dataclass
@@ -245,6 +246,35 @@ def decode_snapshot(data: bytes, where: str) -> Snapshot:
     return Snapshot(step=step, params=params, buffers=buffers, optimizer=optimizer)
 
 
+def weight_skeleton(read_prefix: Callable[[int], bytes], where: str) -> dict[str, torch.Tensor]:
+    """The parameters ``params.<name>`` of a snapshot file as tensors on the ``meta`` device, from
+    its safetensors header alone; ``read_prefix(n)``: the file's first ``n`` bytes. Anything
+    malformed raises :class:`CorruptSnapshotError`."""
+    n = int.from_bytes(read_prefix(8), "little")
+    if not 2 <= n <= MAX_HEADER_BYTES:
+        raise CorruptSnapshotError(f"{where}: not a readable safetensors file (header of {n} bytes)")
+    header = parse_json(read_prefix(8 + n)[8:], where, CorruptSnapshotError)
+    if not isinstance(header, dict):
+        raise CorruptSnapshotError(f"{where}: not a readable safetensors file (header is not an object)")
+    dtypes = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+    skeleton = {}
+    for key, info in header.items():
+        kind, _, name = key.partition(".")
+        if kind != "params":
+            continue
+        shape = info.get("shape") if isinstance(info, dict) else None
+        dtype = dtypes.get(str(info.get("dtype"))) if isinstance(info, dict) else None
+        try:
+            if dtype not in WEIGHT_DTYPES or not isinstance(shape, list) or not all(is_int(d) for d in shape):
+                raise ValueError
+            skeleton[name] = torch.empty(shape, dtype=dtype, device="meta")
+        except (ValueError, RuntimeError):  # RuntimeError: a shape whose size overflows
+            raise CorruptSnapshotError(
+                f"{where}: parameter {name!r} has no float dtype and valid shape in the header"
+            ) from None
+    return skeleton
+
+
 def _is_group(group: Any) -> bool:
     """A recorded parameter group: an object with ``params``, a list of parameter names."""
     names = group.get("params") if isinstance(group, dict) else None
@@ -261,4 +291,3 @@ def _safetensors_metadata(data: bytes, where: str) -> dict[str, str]:
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CorruptSnapshotError(f"{where}: safetensors __metadata__ must map names to strings")
     return meta
-

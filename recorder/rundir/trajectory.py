@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from recorder.rundir.files import Buffer, atomic_write_bytes, finite_or_none, fsync_path, sha256
+from recorder.rundir.files import Buffer, atomic_write_bytes, finite_or_none, fsync_path, open_regular, sha256
 
 FORMAT_VERSION = 1
 
@@ -113,7 +113,8 @@ class TrajectoryWriter:
             json.dumps({k: finite_or_none(v) if isinstance(v, float) else v for k, v in row.items()}) + "\n"
             for row in rows
         ]
-        with open(self.path / "metrics.jsonl", "a") as f:
+        fd = open_regular(self.path / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        with open(fd, "a") as f:
             f.write("".join(lines))
         self._rows_unsynced = True
 
