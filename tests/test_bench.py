@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -56,6 +57,7 @@ def test_recorder_overhead_compares_step_times_with_and_without_snapshots():
     assert 0 < result["inside_step"] < 1 and -1 < result["overhead"]
 
 
+@pytest.mark.slow
 def test_cli_bench_prints_the_table_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     args = [

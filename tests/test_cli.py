@@ -49,6 +49,7 @@ def test_missing_or_empty_run_dir_is_one_line(runner, tmp_path, command):
         assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+@pytest.mark.slow
 def test_record_replay_analyze_end_to_end(runner, tmp_path):
     run = tmp_path / "digits"
     result = runner.invoke(
