@@ -180,10 +180,16 @@ def presets_cmd() -> None:
     metavar="KEY=VALUE",
     help="Override a preset setting (repeatable); `cli.py presets` lists them.",
 )
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Start over where RUN_DIR holds a recording that did not finish: delete its files first.",
+)
 @_fail_cleanly
-def record(preset: str, run_dir: Path, overrides: tuple[str, ...]) -> None:
+def record(preset: str, run_dir: Path, overrides: tuple[str, ...], overwrite: bool) -> None:
     """Train PRESET with the recorder attached, writing the run to RUN_DIR."""
-    from recorder.presets import PRESETS, apply_overrides
+    from recorder.presets import PRESETS, apply_overrides, check_settings
+    from recorder.rundir.overwrite import prepare_run_dir
 
     if preset not in PRESETS:
         raise click.BadParameter(
@@ -192,10 +198,22 @@ def record(preset: str, run_dir: Path, overrides: tuple[str, ...]) -> None:
     spec = PRESETS[preset]
     try:
         config = apply_overrides(spec.config_cls(), overrides)
+        check_settings(config)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--set") from None
+    prepare_run_dir(run_dir, overwrite)
     start = time.perf_counter()
-    spec.record(run_dir, config)
+    try:
+        spec.record(run_dir, config)
+    except KeyboardInterrupt:
+        raise click.ClickException(
+            f"interrupted: {run_dir} keeps the snapshots written so far, marked as a recording that "
+            "did not finish (replay uses them); rerun with --overwrite to record it from the start"
+        ) from None
+    except OSError as e:  # the disk, not the input: one line all the same
+        raise click.ClickException(
+            f"{e.filename}: {e.strerror}" if e.filename else e.strerror or str(e)
+        ) from None
     click.echo(f"recorded {preset} into {run_dir} in {time.perf_counter() - start:.1f} s")
 
 
@@ -228,7 +246,7 @@ def _refuse_unread_settings(ctx: click.Context, rule_name: str) -> None:
 
 @main.command(cls=SettingsCommand, make_options=_replay_options)
 @click.argument("run_dir", type=click.Path(path_type=Path, readable=False))  # RunDir says what is wrong
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (the summary line is still printed).")
 @click.option(
     "--skip-corrupt",
     is_flag=True,
@@ -239,7 +257,8 @@ def _refuse_unread_settings(ctx: click.Context, rule_name: str) -> None:
     "factories",
     multiple=True,
     metavar="MODULE:FUNCTION",
-    help="Import a model factory that is not registered (runs that module's code: only code you trust).",
+    help="Import a model factory that is not registered, from the current folder or the Python path "
+    "(runs that module's code: only code you trust).",
 )
 @_fail_cleanly
 def replay(
@@ -284,15 +303,123 @@ def replay(
 @click.option(
     "--include-self", is_flag=True, help="Include self pairs in class-pair aggregates (the paper's way)."
 )
+@click.option(
+    "--measures",
+    metavar="M1,M2,...",
+    callback=_comma_list,
+    help="Analyze these measures only, and draw the class-pair grid of each "
+    "[default: every stored measure; the grid of the headline one, kl where stored].",
+)
+@click.option(
+    "--stores",
+    metavar="S1,S2,...",
+    callback=_comma_list,
+    help="Analyze these replay stores only (RUN_DIR/S1.zarr, ...) [default: all].",
+)
+@click.option("--no-figures", is_flag=True, help="Numbers, summary.json and report.html only: no figures.")
+@click.option(
+    "--tensorboard",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write the S_rel curves as TensorBoard events into this folder (needs tensorboard).",
+)
 @_fail_cleanly
-def analyze(run_dir: Path, out: Path | None, include_self: bool) -> None:
-    """Figures, summary.json and report.html for every replay store in RUN_DIR."""
+def analyze(
+    run_dir: Path,
+    out: Path | None,
+    include_self: bool,
+    measures: tuple[str, ...] | None,
+    stores: tuple[str, ...] | None,
+    no_figures: bool,
+    tensorboard: Path | None,
+) -> None:
+    """Figures, summary.json and report.html for every replay store in RUN_DIR.
+
+    RUN_DIR may be a run group: curves are then means over its runs.
+    """
     from analyses.report import analyze as run_analyze
     from analyses.report import format_table
 
-    summary = run_analyze(run_dir, out_dir=out, include_self=include_self)
+    summary = run_analyze(
+        run_dir,
+        out_dir=out,
+        include_self=include_self,
+        measures=None if measures is None else list(measures),
+        stores=None if stores is None else list(stores),
+        figures=not no_figures,
+        tensorboard=tensorboard,
+    )
     click.echo(format_table(summary))
-    click.echo(f"figures, summary.json and report.html in {summary['out_dir']}")
+    written = "summary.json and report.html" if no_figures else "figures, summary.json and report.html"
+    click.echo(f"{written} in {summary['out_dir']}")
+    if tensorboard is not None:
+        click.echo(f"TensorBoard events in {tensorboard} (tensorboard --logdir {tensorboard})")
+
+
+def _class_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    try:
+        return [int(c) for c in value.split(",")] if value else None
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected class labels such as 3,5") from None
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--store", default=None, help="Replay store name [default: the run's only store].")
+@click.option(
+    "--measure",
+    "measures",
+    multiple=True,
+    help="A stored measure to cluster on (repeatable) [default: every stored measure].",
+)
+@click.option(
+    "--classes",
+    callback=_class_list,
+    metavar="A,B,...",
+    help="Probe classes to cluster [default: every class of the probes].",
+)
+@click.option(
+    "--pca",
+    "pca_components",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Principal components of the K-means baseline on PCA of the inputs.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output folder [default: RUN_DIR/analysis].",
+)
+@_fail_cleanly
+def cluster(
+    run_dir: Path,
+    store: str | None,
+    measures: tuple[str, ...],
+    classes: list[int] | None,
+    pca_components: int,
+    out: Path | None,
+) -> None:
+    """He & Su's clustering of the probes of two or more classes on S_rel, at every snapshot.
+
+    Kernel K-means and spectral clustering on the symmetrised S_rel beside K-means on the probes'
+    inputs and on their principal components; writes clustering.json and clustering.png (and,
+    when the store holds linear and a finite measure of the same norm, the linearisation gap:
+    <store>_linearisation.png and .json) into RUN_DIR/analysis. The probes' classes are the run's
+    probe_classes where it stores them (digits-pairs: the digits), else the probe targets.
+    """
+    from analyses.clustering import cluster_run, format_table
+    from analyses.linearisation import linearisation_gap, write_linearisation
+
+    clustering, result = cluster_run(run_dir, store, measures or None, classes, out, pca_components)
+    click.echo(format_table(clustering))
+    out_dir = run_dir / "analysis" if out is None else out
+    gap = linearisation_gap(result)
+    if gap is not None:
+        write_linearisation(gap, out_dir)
+        click.echo(gap.summary())
+    click.echo(f"clustering.json and clustering.png in {out_dir}")
 
 
 @main.command()

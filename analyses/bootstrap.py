@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.sparse import csr_matrix
 
 from analyses.classpairs import separation_auc
 from analyses.curves import nan_mean
@@ -57,28 +58,44 @@ def resample_counts(labels: np.ndarray, replicates: int, rng: np.random.Generato
 
 def weighted_auc(S: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """``[B, T]`` separation AUC of ``S`` ``[T, P, P]`` with pair ``(i, j)`` weighted ``c_i c_j``
-    for the probe counts ``counts`` ``[B, P]`` (all ones: :func:`analyses.classpairs.separation_auc`)."""
+    for the probe counts ``counts`` ``[B, P]`` (all ones: :func:`analyses.classpairs.separation_auc`).
+
+    At each snapshot the distinct same-class values ``v_1 < ... < v_m`` cut the cross-class
+    values into ``2 m + 1`` bins (below ``v_1``, equal to ``v_1``, between ``v_1`` and ``v_2``,
+    ...). One sparse product sums the weights of every replicate by bin (``G`` ``[2m + 1, B]``)
+    and by same-class value (``H`` ``[m, B]``); the cross weight below ``v_k`` and that tied with
+    it follow from the cumulative sums of ``G``. The weights are integers, so every sum is exact
+    and the result does not depend on the order of summation.
+    """
     labels = np.asarray(labels)
     ii, jj = np.nonzero(~np.eye(len(labels), dtype=bool))  # pairs i != j
     same = labels[ii] == labels[jj]
+    weights = np.ascontiguousarray((counts[:, ii] * counts[:, jj]).T)  # [n_pairs, B]
     out = np.full((len(counts), len(S)), np.nan)
     for t, matrix in enumerate(np.asarray(S, dtype=np.float64)):
         values = matrix[ii, jj]
         keep = ~np.isnan(values)
-        cross = np.flatnonzero(keep & ~same)
-        cross = cross[np.argsort(values[cross], kind="stable")]  # cross pairs by value
-        pos = np.flatnonzero(keep & same)
-        w_cross = counts[:, ii[cross]] * counts[:, jj[cross]]  # [B, n_cross]
-        w_same = counts[:, ii[pos]] * counts[:, jj[pos]]  # [B, n_same]
-        below = np.concatenate([np.zeros((len(counts), 1)), np.cumsum(w_cross, axis=1)], axis=1)
-        # cross weight below a same-class value, plus half the cross weight tied with it
-        lo = np.searchsorted(values[cross], values[pos], side="left")
-        hi = np.searchsorted(values[cross], values[pos], side="right")
-        wins = (w_same * (below[:, lo] + below[:, hi])).sum(axis=1) / 2
-        total = w_same.sum(axis=1) * below[:, -1]
+        pos, cross = np.flatnonzero(keep & same), np.flatnonzero(keep & ~same)
+        levels, level = np.unique(values[pos], return_inverse=True)  # [m], [n_same]
+        # bin 2k: between levels k - 1 and k; bin 2k + 1: equal to level k
+        x = values[cross]
+        bins = np.searchsorted(levels, x, "left") + np.searchsorted(levels, x, "right")
+        m = len(levels)
+        G = _sum_by(bins, cross, 2 * m + 1, weights)  # [2m + 1, B] cross weight per bin
+        H = _sum_by(level, pos, m, weights)  # [m, B] same-class weight per level
+        below = np.zeros((2 * m + 2, len(counts)))
+        np.cumsum(G, axis=0, out=below[1:])  # below[2k + 1]: cross weight below level k
+        wins = (H * (below[1:-1:2] + below[2::2])).sum(axis=0) / 2  # ties count one half
+        total = H.sum(axis=0) * below[-1]
         with np.errstate(invalid="ignore", divide="ignore"):
             out[:, t] = np.where(total > 0, wins / total, np.nan)
     return out
+
+
+def _sum_by(groups: np.ndarray, pairs: np.ndarray, num_groups: int, weights: np.ndarray) -> np.ndarray:
+    """``[num_groups, B]``: the rows ``weights[pairs]`` summed by ``groups`` (one sparse product)."""
+    one_hot = csr_matrix((np.ones(len(pairs)), (groups, pairs)), shape=(num_groups, len(weights)))
+    return np.asarray(one_hot @ weights)
 
 
 def auc_with_ci(
@@ -87,11 +104,15 @@ def auc_with_ci(
     replicates: int = 500,
     level: float = 0.95,
     seed: int = 0,
+    points: np.ndarray | None = None,
 ) -> AucEstimate:
     """The separation AUC of runs ``r`` (``matrices[r]`` ``[S, P_r, P_r]`` on common snapshots,
-    ``labels[r]`` ``[P_r]``), mean over runs, with a bootstrap interval over the probes."""
+    ``labels[r]`` ``[P_r]``), mean over runs, with a bootstrap interval over the probes.
+    ``points`` ``[R, S]``: the AUC of each run at each snapshot, when already computed."""
     rng = np.random.default_rng(seed)
-    point = np.mean([separation_auc(S, y) for S, y in zip(matrices, labels, strict=True)], axis=0)  # [S]
+    if points is None:
+        points = np.stack([separation_auc(S, y) for S, y in zip(matrices, labels, strict=True)])
+    point = np.mean(points, axis=0)  # [S]
     boot = np.mean(
         [
             weighted_auc(S, y, resample_counts(y, replicates, rng))

@@ -61,9 +61,13 @@ class MeasureCurves:
         return nan_mean(self.same_cross(stat))
 
 
-def measure_curves(result: ReplayResult, measure: str, include_self: bool = False) -> MeasureCurves:
-    """Read ``measures/<measure>`` of ``result`` once and derive all its curves."""
-    S = result.measures[measure].read()  # [S, P, P]
+def measure_curves(
+    result: ReplayResult, measure: str, include_self: bool = False, S: np.ndarray | None = None
+) -> MeasureCurves:
+    """Derive all the curves of ``measures/<measure>`` of ``result``, read once (or given as ``S``
+    ``[S, P, P]``, the array as :meth:`~analyses.results.SnapshotArray.read` reads it)."""
+    if S is None:
+        S = result.measures[measure].read()  # [S, P, P]
     off = ~np.eye(S.shape[-1], dtype=bool)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN snapshots stay NaN

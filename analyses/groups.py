@@ -97,15 +97,20 @@ class RunCurves:
 
 
 def run_curves(
-    results: dict[str, ReplayResult], measure: str, include_self: bool = False
+    results: dict[str, ReplayResult],
+    measure: str,
+    include_self: bool = False,
+    matrices: dict[str, np.ndarray] | None = None,
 ) -> tuple[RunCurves, dict[str, np.ndarray]]:
     """The curves of ``measure`` in ``results`` (run name -> the run's store), on the common
-    steps, and each run's done-snapshot positions ``[S]`` of those steps (to index its arrays)."""
+    steps, and each run's done-snapshot positions ``[S]`` of those steps (to index its arrays).
+    ``matrices``: run name -> ``measures/<measure>`` of its done snapshots, when already read."""
     common = sorted(set.intersection(*(set(r.steps.tolist()) for r in results.values())))
     positions = {name: np.searchsorted(r.steps, common) for name, r in results.items()}
     curves = []
     for name, r in results.items():
-        c, keep = measure_curves(r, measure, include_self), positions[name]
+        S = None if matrices is None else matrices[name]
+        c, keep = measure_curves(r, measure, include_self, S), positions[name]
         curves.append(
             dataclasses.replace(
                 c,

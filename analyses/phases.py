@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import ruptures
 
 from recorder.rundir.files import finite_or_none
 
@@ -91,6 +90,8 @@ def detect_transition(
     scale = np.sum((y - y.mean()) ** 2) + np.finfo(float).tiny
     if rss_one <= 1e-12 * scale:
         return Phases(False, "a straight line fits exactly", None, None, (one[1],), fit, 0.0, -np.inf)
+    import ruptures  # here: it takes seconds to import (scipy.stats), and classification never needs it
+
     covariates = np.column_stack([np.ones_like(t), (t - t[0]) / (t[-1] - t[0])])
     search = ruptures.Dynp(custom_cost=ruptures.costs.CostLinear(), min_size=min_size, jump=1)
     (b, _) = search.fit(np.column_stack([y, covariates])).predict(n_bkps=1)

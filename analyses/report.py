@@ -6,22 +6,30 @@ every run that holds it, on the snapshot steps done in all of them (:mod:`analys
 curves are means over runs with bands of one standard deviation. Writes into
 ``PATH/analysis/`` (or ``out_dir``):
 
-- ``<store>_classpairs_<measure>.png``: the paper's class-pair curves (classification);
+- ``<store>_classpairs_<measure>.png``: the paper's class-pair curves (classification), of the
+  headline measure (:func:`analyses.headline.headline_measure`) unless measures are named;
 - ``<store>_separation_auc.png``: the measures compared: separation AUC with its bootstrap
   interval over probes, and the same/cross ratio (classification);
 - ``<store>_trajectory.png``: median S_rel over probe pairs with its quartile band (regression);
 - ``<store>_phases.png``: the elastic-to-inelastic transition of each measure (regression, with
   enough snapshots);
-- ``comparison.png``: stores side by side, when there are several;
+- ``comparison.png``: stores side by side, when there are several (the same measures);
 - ``training.png``: the training curves of ``metrics.jsonl``;
 - ``summary.json``: the numbers (see :func:`analyze`), and ``report.html``: one self-contained
-  page with the figures embedded, the tables and each store's configuration.
+  page (:mod:`analyses.html`): headline sentences, the key figures and tables, the rest folded.
+
+The figures (:mod:`analyses.figures`, matplotlib) are drawn only when asked for. A folder that
+cannot be written, or a full disk, gives a one-line :class:`ResultsError`; files written before
+stay complete (every file is written whole, then renamed into place).
 """
 
 from __future__ import annotations
 
-import re
+import errno
+import os
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,21 +38,12 @@ import numpy as np
 
 from analyses.bootstrap import AucEstimate, auc_with_ci
 from analyses.curves import MeasureCurves, nan_mean
-from analyses.groups import Band, RunCurves, band, member_results, run_curves
+from analyses.groups import RunCurves, band, member_results, run_curves
+from analyses.headline import headline, headline_measure, status_lines
 from analyses.html import render_report
-from analyses.phases import MIN_SIZE, Phases, detect_transition
-from analyses.plots import (
-    BandPanel,
-    OverlayRow,
-    plot_band_panels,
-    plot_class_pairs,
-    plot_overlay_grid,
-    plot_phases,
-    plot_training,
-    plot_trajectory,
-)
+from analyses.phases import Phases, detect_transition
 from analyses.published import PAPER_MEASURES, PUBLISHED
-from analyses.results import ReplayResult
+from analyses.results import ReplayResult, eps_note
 from analyses.tables import (
     PAPER_NOTE,
     PHASES_HEADER,
@@ -58,11 +57,17 @@ from analyses.tables import (
 )
 from analyses.training import Series, training_series
 from recorder.rundir.errors import ResultsError
-from recorder.rundir.files import atomic_write_bytes, atomic_write_json, finite_or_none, make_folder
+from recorder.rundir.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    finite_or_none,
+    make_folder,
+    temp_sibling,
+)
 from recorder.rundir.group import is_group, read_group
 from recorder.rundir.run import RunDir
 
-BOOTSTRAP_REPLICATES = 500
+BOOTSTRAP_REPLICATES = 200
 CI_LEVEL = 0.95
 
 
@@ -71,6 +76,10 @@ def analyze(
     out_dir: str | Path | None = None,
     include_self: bool = False,
     measures: list[str] | None = None,
+    stores: list[str] | None = None,
+    figures: bool = True,
+    replicates: int = BOOTSTRAP_REPLICATES,
+    tensorboard: str | Path | None = None,
 ) -> dict[str, Any]:
     """Analyze every replay store of ``run_dir``; write figures, ``summary.json`` and ``report.html``.
 
@@ -81,7 +90,14 @@ def analyze(
         include_self: count the self pairs ``i = j`` in the same-class cell (the paper's
             protocol, SPEC §5); the class-pair aggregates are recomputed from the measures
             when the stores hold the other choice. The paper table always includes them.
-        measures: the measures to analyze (default: every stored one).
+        measures: the measures to analyze (default: every stored one). The class-pair grids and
+            the comparison figure show these; by default the headline measure's only
+            (:func:`analyses.headline.headline_measure`).
+        stores: the stores to analyze, by name (default: every one).
+        figures: draw the figures (False: the numbers and the report only).
+        replicates: bootstrap replicates of the separation AUC's interval (its cost grows with them).
+        tensorboard: also write the curves as TensorBoard events into this folder
+            (:mod:`analyses.tensorboard`).
 
     Returns the summary written to ``summary.json`` (numbers of a group are means over its runs):
 
@@ -89,9 +105,12 @@ def analyze(
       ``group`` (``group.json``'s ``config``, None for a run directory);
     - ``stores``: per store ``paths`` (one per run), ``runs``, ``config``, ``dtype``,
       ``classification``, ``classes``, ``stored_include_self``, ``snapshots`` {done (common to
-      the runs), stored, first_step, last_step}, ``error_estimate_max`` and ``measures``: per
+      the runs), stored (in the store, done or not), listed (in the run's manifest, or stored if
+      more), first_step, last_step (of the done ones), last_listed_step, partial (fewer done than
+      listed)},
+      ``error_estimate_max`` and ``measures``: per
       measure ``median_S`` {first, final, time_average} (median over pairs ``i != j``) and, for
-      classification, ``separation_auc`` {final, time_average, ci: {level, replicates,
+      classification, ``separation_auc`` {first, final, time_average, ci: {level, replicates,
       final: [lo, hi], time_average: [lo, hi]}, std_time_average (over runs)},
       ``same_cross_ratio`` {mean, median}: ``[K]`` time-averaged ratio per updated class (the
       SPEC §5 table; mean over runs), ``same_cross_ratio_std`` (over runs),
@@ -99,76 +118,85 @@ def analyze(
       transition of the run-mean trajectory, runs: run -> its transition}
       (:meth:`analyses.phases.Phases.to_json`);
     - ``paper`` (None unless the runs come from a preset of :data:`analyses.published.PUBLISHED`):
-      ``data``, ``classes``, ``class_names``, ``test_acc`` {ours, std, published} and ``stores``:
+      ``data``, ``classes``, ``class_names``, ``test_acc`` {ours, std, published, metric: the
+      metric of ours, ``train_sample_acc`` where logged (the published one's kind: training
+      images), else ``test_acc``} and ``stores``:
       per classification store, per measure of :data:`PAPER_MEASURES` it holds, ``ours`` and
       ``std`` ``[K]`` (time-averaged same/cross ratio, self pairs included, mean and sd over
       runs) and ``published`` ``[K]`` or None;
-    - ``skipped``: stores without a done snapshot (``run/store`` in a group) and runs of a group
-      without a store, with the reason;
+    - ``skipped``: stores without a done snapshot or with a single probe (``run/store`` in a
+      group) and runs of a group without a store, with the reason;
     - ``comparison`` (None with a single store): ``stores`` and ``measures``: per measure stored
       in several stores, per store, that store's measure summary;
     - ``training``: ``step`` and ``epoch`` (per-step and per-epoch metrics of ``metrics.jsonl``),
       each metric name -> {final, step} (its last value, mean over runs, and the step it was
       logged at; ``std`` over runs in a group);
-    - ``figures``: [{file, caption}], files relative to ``out_dir``.
+    - ``figures``: [{file, caption, section}], files relative to ``out_dir`` (``section``: see
+      :mod:`analyses.figures`);
+    - ``tensorboard``: the folder of the TensorBoard events, or None;
+    - ``status``: lines on the stores replayed in part and those skipped
+      (:func:`analyses.headline.status_lines`); ``headline``: sentences on the results
+      (:func:`analyses.headline.headline`).
 
     Non-finite numbers are written as null.
 
-    Raises :class:`ResultsError` (a :class:`RunDirError`) when there is no usable store or a
-    requested measure is stored nowhere.
+    Raises :class:`ResultsError` (a :class:`RunDirError`) when there is no usable store, a
+    requested measure or store is not there, a stored array is damaged, or the output folder
+    cannot be written.
     """
     path = Path(run_dir)
     group = read_group(path) if is_group(path) else None
-    results = member_results(path)  # run -> stores
-    run_paths = {name: path / name if group else path for name in results}
-    spec = RunDir(next(iter(run_paths.values()))).spec
+    results = _select_stores(member_results(path), stores)  # run -> stores
+    runs = {name: RunDir(path / name if group else path) for name in results}
+    for member in runs.values():
+        member.warn_if_unfinished()
+    spec = next(iter(runs.values())).spec
     names = _select_measures([r for rs in results.values() for r in rs], measures)
+    drawn = names if measures is not None else [headline_measure(names)]
     stores_by_name: dict[str, dict[str, ReplayResult]] = {}
     skipped = (
         {} if group is None else {m.name: "no replay store" for m in group.members if m.name not in results}
     )
     for run, rs in results.items():
         for r in rs:
-            if r.num_snapshots:
-                stores_by_name.setdefault(r.name, {})[run] = r
+            unusable = _unusable(r)
+            if unusable:
+                skipped[f"{run}/{r.name}" if group else r.name] = unusable
             else:
-                skipped[f"{run}/{r.name}" if group else r.name] = "no completed snapshot"
+                stores_by_name.setdefault(r.name, {})[run] = r
     if not stores_by_name:
-        raise ResultsError(f"{path}: no replay store has a completed snapshot ({', '.join(skipped)})")
-    out = make_folder(Path(out_dir) if out_dir is not None else path / "analysis")
+        reasons = "; ".join(f"{store}: {why}" for store, why in skipped.items())
+        raise ResultsError(f"{path}: no replay store to analyze ({reasons})")
+    out = _writable_folder(Path(out_dir) if out_dir is not None else path / "analysis")
 
-    figures: list[dict[str, str]] = []
-    stores, curves = {}, {}
+    analyzed, curves = {}, {}
     for store, by_run in stores_by_name.items():
-        analysis = _analyze_store(by_run, names, include_self)
+        analysis = _analyze_store(by_run, names, include_self, replicates)
         if analysis is None:
             skipped[store] = "no snapshot step done in every run"
             continue
         curves[store] = analysis
-        stores[store] = _store_summary(by_run, analysis)
-        figures += _store_figures(store, next(iter(by_run.values())), analysis, spec.extra, out)
-    if not stores:
+        analyzed[store] = _store_summary(by_run, {run: runs[run] for run in by_run}, analysis)
+    if not analyzed:
         raise ResultsError(f"{path}: no replay store has a snapshot done in every run")
 
     comparison = None
-    if len(stores) > 1:
-        mean_curves = {s: {m: a.runs.mean_curves() for m, a in per.items()} for s, per in curves.items()}
-        comparison, comparison_figures = _comparison(mean_curves, stores, out)
-        figures += comparison_figures
-    series = {run: training_series(RunDir(p).metrics()) for run, p in run_paths.items()}
-    if any(any(s.values()) for s in series.values()):
-        plot_training(_named_series(series), out / "training.png", f"{path.name}: training curves")
-        figures.append({"file": "training.png", "caption": "Training curves (metrics.jsonl)"})
+    mean_curves = {s: {m: a.runs.mean_curves() for m, a in per.items()} for s, per in curves.items()}
+    if len(analyzed) > 1:
+        comparison = _comparison(mean_curves, analyzed)
+    series = {run: training_series(r.metrics()) for run, r in runs.items()}
     training = _training_summary(series)
     notes = []
     labels = next(iter(next(iter(stores_by_name.values())).values())).labels
     if spec.task == "classification" and labels is not None and len(np.unique(labels)) < 2:
         notes.append(
             "every probe is of one class: same-class/cross-class comparisons (class pairs, "
-            "separation AUC, the SPEC §5 table) are undefined; record probes of two classes or more"
+            "separation AUC, the paper's table) are undefined; record probes of two classes or more"
         )
+    for store, by_run in stores_by_name.items():  # measures whose rows are mostly eps
+        notes += [n for run, r in by_run.items() if (n := eps_note(r, f"{run}/{store}" if group else store))]
 
-    summary = {
+    summary: dict[str, Any] = {
         "run_dir": str(path),
         "out_dir": str(out),
         "task": spec.task,
@@ -176,17 +204,84 @@ def analyze(
         "include_self": include_self,
         "runs": list(results),
         "group": None if group is None else group.config,
-        "stores": stores,
-        "paper": _paper_section(spec, stores_by_name, stores, training),
+        "stores": analyzed,
+        "paper": _paper_section(spec, stores_by_name, analyzed, training),
         "skipped": skipped,
         "comparison": comparison,
         "training": training,
-        "figures": figures,
+        "figures": [],
         "notes": notes,
+        "tensorboard": None if tensorboard is None else str(tensorboard),
     }
-    atomic_write_json(out / "summary.json", summary)
-    atomic_write_bytes(out / "report.html", render_report(summary, out).encode())
+    summary["status"], summary["headline"] = status_lines(summary), headline(summary)
+    with _writing_into(out):
+        if figures:
+            summary["figures"] = _draw(
+                curves, stores_by_name, mean_curves, drawn, series, spec.extra, out, path.name
+            )
+        atomic_write_json(out / "summary.json", summary)
+        atomic_write_bytes(out / "report.html", render_report(summary, out).encode(), durable=False)
+    if tensorboard is not None:
+        from analyses.tensorboard import write_events
+
+        with _writing_into(Path(tensorboard)):
+            write_events(mean_curves, Path(tensorboard))
     return summary
+
+
+def _draw(
+    curves: dict[str, dict[str, MeasureAnalysis]],
+    stores_by_name: dict[str, dict[str, ReplayResult]],
+    mean_curves: dict[str, dict[str, MeasureCurves]],
+    drawn: list[str],
+    series: dict[str, dict[str, dict[str, Series]]],
+    extra: dict[str, Any],
+    out: Path,
+    name: str,
+) -> list[dict[str, str]]:
+    """Every figure (:mod:`analyses.figures`, imported here: matplotlib only when drawing): of each
+    store, of the ``drawn`` measures stored in several stores side by side, of the training of
+    the run (or group) ``name``."""
+    from analyses.figures import class_names, comparison_figure, store_figures, training_figure
+
+    figures = []
+    for store, analysis in curves.items():
+        result = next(iter(stores_by_name[store].values()))
+        figures += store_figures(store, result, analysis, class_names(result, extra), drawn, out)
+    if len(curves) > 1:
+        counts = Counter(m for per_store in mean_curves.values() for m in per_store)
+        figures += comparison_figure(mean_curves, [m for m in drawn if counts[m] > 1], out)
+    return figures + training_figure(_named_series(series), f"{name}: training curves", out)
+
+
+def _writable_folder(out: Path) -> Path:
+    """``out``, created if need be, once a file could be created in it: before any work, so that
+    a folder that cannot be written fails fast (:func:`_writing_into` says why)."""
+    with _writing_into(out):
+        make_folder(out)
+        probe = temp_sibling(out / "summary.json")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        probe.unlink()
+    return out
+
+
+@contextmanager
+def _writing_into(out: Path) -> Iterator[None]:
+    """Within: a failure to write (a folder without write permission, a read-only file system, a
+    full disk) raises a one-line :class:`ResultsError` that says where and what to do."""
+    try:
+        yield
+    except OSError as e:
+        where = e.filename or out
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResultsError(
+                f"{where}: no space left on the device ({e.strerror}); free some space, or pass "
+                "--out DIR to write the analysis elsewhere (files written before are complete)"
+            ) from None
+        raise ResultsError(
+            f"{out}: cannot write the analysis there ({where}: {e.strerror}); pass --out DIR to "
+            "write it elsewhere"
+        ) from None
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -197,7 +292,7 @@ def format_table(summary: dict[str, Any]) -> str:
     on the protocol below."""
     lines = _aligned(SUMMARY_HEADER, summary_rows(summary)) + [SUMMARY_NOTE]
     if summary["paper"]:
-        lines += ["", f"SPEC §5, {summary['paper']['data']}:"]
+        lines += ["", f"The paper's table, {summary['paper']['data']}:"]
         lines += _aligned(paper_header(summary["paper"]), paper_rows(summary["paper"])) + [PAPER_NOTE]
     phases = phase_rows(summary)
     if phases:
@@ -209,6 +304,9 @@ def format_table(summary: dict[str, Any]) -> str:
     )
     lines.append(f"{runs}Self pairs {selfs}. Report: {Path(summary['out_dir']) / 'report.html'}")
     lines += [f"Note: {note}" for note in summary.get("notes", [])]
+    lines += summary["status"]
+    if summary["headline"]:
+        lines += ["", "In short:"] + [f"- {sentence}" for sentence in summary["headline"]]
     return "\n".join(lines)
 
 
@@ -235,14 +333,16 @@ class MeasureAnalysis:
 
 
 def _analyze_store(
-    by_run: dict[str, ReplayResult], names: list[str], include_self: bool
+    by_run: dict[str, ReplayResult], names: list[str], include_self: bool, replicates: int
 ) -> dict[str, MeasureAnalysis] | None:
-    """Every requested measure of one store (run -> its result); None without a common step."""
+    """Every requested measure of one store (run -> its result), the AUC's interval from
+    ``replicates`` bootstrap replicates; None without a common step."""
     first = next(iter(by_run.values()))
     measures = [m for m in names if all(m in r.measure_names for r in by_run.values())]
     out = {}
     for m in measures:
-        runs, positions = run_curves(by_run, m, include_self)
+        matrices = {run: r.measures[m].read() for run, r in by_run.items()}  # [S_r, P, P], read once
+        runs, positions = run_curves(by_run, m, include_self, matrices)
         if len(runs.steps) == 0:
             return None
         auc = phases = None
@@ -252,10 +352,11 @@ def _analyze_store(
                 assert r.labels is not None  # the runs of a store share its task
                 labels.append(r.labels)
             auc = auc_with_ci(
-                [r.measures[m].read()[positions[run]] for run, r in by_run.items()],
+                [matrices[run][positions[run]] for run in by_run],
                 labels,
-                replicates=BOOTSTRAP_REPLICATES,
+                replicates=replicates,
                 level=CI_LEVEL,
+                points=runs.stack("auc"),
             )
         else:
             medians = runs.stack("quantiles")[:, :, 1]  # [R, S]
@@ -268,9 +369,16 @@ def _analyze_store(
     return out
 
 
-def _store_summary(by_run: dict[str, ReplayResult], analysis: dict[str, MeasureAnalysis]) -> dict[str, Any]:
+def _store_summary(
+    by_run: dict[str, ReplayResult], runs: dict[str, RunDir], analysis: dict[str, MeasureAnalysis]
+) -> dict[str, Any]:
+    """The summary of one store (run -> its result; run -> its run directory)."""
     r = next(iter(by_run.values()))
     steps = next(iter(analysis.values())).runs.steps if analysis else r.steps
+    stored = max(x.num_stored for x in by_run.values())
+    listed = max(stored, *(len(run.manifest) for run in runs.values()))
+    last_steps = [int(x.stored_steps[-1]) for x in by_run.values() if x.num_stored]
+    last_steps += [run.manifest[-1].step for run in runs.values() if run.manifest]
     return {
         "paths": [str(x.path) for x in by_run.values()],
         "runs": list(by_run),
@@ -281,9 +389,12 @@ def _store_summary(by_run: dict[str, ReplayResult], analysis: dict[str, MeasureA
         "stored_include_self": r.include_self,
         "snapshots": {
             "done": len(steps),
-            "stored": max(x.num_stored for x in by_run.values()),
+            "stored": stored,
+            "listed": listed,
             "first_step": int(steps[0]),
             "last_step": int(steps[-1]),
+            "last_listed_step": max(last_steps),
+            "partial": len(steps) < listed,
         },
         # None if any is unknown (NaN)
         "error_estimate_max": _num(max(np.max(x.error_estimate) for x in by_run.values())),
@@ -304,6 +415,7 @@ def _measure_summary(a: MeasureAnalysis) -> dict[str, Any]:
     if a.auc is not None:
         e = a.auc
         out["separation_auc"] = {
+            "first": _num(e.point[0]),
             "final": _num(e.point[-1]),
             "time_average": _num(e.average),
             "ci": {
@@ -342,12 +454,19 @@ def _paper_section(
     published = PUBLISHED.get(spec.preset)
     if published is None:
         return None
-    acc = training["epoch"].get("test_acc", {})
+    # the published accuracy is on training images: compare it with ours of that kind where logged
+    metric = "train_sample_acc" if "train_sample_acc" in training["epoch"] else "test_acc"
+    acc = training["epoch"].get(metric, {})
     section: dict[str, Any] = {
         "data": published.data,
         "classes": list(spec.extra.get("classes", published.classes)),
         "class_names": spec.extra.get("class_names"),
-        "test_acc": {"ours": acc.get("final"), "std": acc.get("std"), "published": published.test_acc},
+        "test_acc": {
+            "ours": acc.get("final"),
+            "std": acc.get("std"),
+            "published": published.test_acc,
+            "metric": metric,
+        },
         "stores": {},
     }
     for store, by_run in stores_by_name.items():
@@ -367,119 +486,20 @@ def _paper_section(
     return section
 
 
-# ----------------------------------------------------------------------------- figures
+# ----------------------------------------------------------------------------- comparison
 
 
-def _store_figures(
-    store: str, result: ReplayResult, analysis: dict[str, MeasureAnalysis], extra: dict[str, Any], out: Path
-) -> list[dict[str, str]]:
-    """The figures of one store; classes are named by ``extra["class_names"]`` (the run's
-    ``spec.json``) when it names each of them, by their labels otherwise."""
-    if not analysis:
-        return []
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", store)
-    runs = len(next(iter(analysis.values())).runs.runs)
-    over = f" (mean over {runs} runs)" if runs > 1 else ""
-    figures = []
-    if result.is_classification:
-        assert result.classes is not None  # classification stores have classes
-        names = [str(c) for c in result.classes]
-        if len(extra.get("class_names") or []) == len(names):
-            names = [f"{c} ({n})" for c, n in zip(names, extra["class_names"], strict=True)]
-        for m, a in analysis.items():
-            file = f"{stem}_classpairs_{m}.png"
-            std = band(a.runs.stack("classpairs")).std if runs > 1 else None
-            plot_class_pairs(a.runs.mean_curves(), names, out / file, std=std)
-            figures.append({"file": file, "caption": f"{store}: class-pair S_rel over training, {m}{over}"})
-        file = f"{stem}_separation_auc.png"
-        plot_band_panels(_measure_panels(analysis), out / file, f"{store}: the measures compared{over}")
-        level = f"{CI_LEVEL:.0%}"
-        figures.append(
-            {
-                "file": file,
-                "caption": f"{store}: separation AUC (same- vs cross-class pairs, {level} bootstrap interval "
-                f"over probes) and same/cross ratio (class mean, ± sd over runs){over}",
-            }
-        )
-    else:
-        file = f"{stem}_trajectory.png"
-        mean = [a.runs.mean_curves() for a in analysis.values()]
-        plot_trajectory(mean, out / file, f"{store}: S_rel over training (pairs i != j){over}")
-        figures.append(
-            {"file": file, "caption": f"{store}: S_rel trajectory, median and quartiles over pairs{over}"}
-        )
-        panels: list[tuple[str, np.ndarray, np.ndarray, Phases]] = []
-        for m, a in analysis.items():
-            if len(a.runs.steps) >= 2 * MIN_SIZE:
-                assert a.phases is not None  # regression measures have phases
-                panels.append((m, *_median_band(a.runs), a.phases["mean"]))
-        if panels:
-            file = f"{stem}_phases.png"
-            steps = next(iter(analysis.values())).runs.steps
-            plot_phases(steps, panels, out / file, f"{store}: elastic and inelastic phases{over}")
-            figures.append(
-                {
-                    "file": file,
-                    "caption": f"{store}: the transition located on the median S_rel trajectory{over}",
-                }
-            )
-    return figures
-
-
-def _median_band(runs: RunCurves) -> tuple[np.ndarray, np.ndarray]:
-    b: Band = band(runs.stack("quantiles")[:, :, 1])
-    return b.mean, b.std
-
-
-def _measure_panels(analysis: dict[str, MeasureAnalysis]) -> list[BandPanel]:
-    """Separation AUC (bootstrap interval) and same/cross class-mean ratio (± sd over runs) of
-    the paper's measures (:data:`PAPER_MEASURES`) when the store holds two of them, else of all."""
-    paper = {m: a for m, a in analysis.items() if m in PAPER_MEASURES}
-    analysis = paper if len(paper) > 1 else analysis
-    auc = BandPanel("separation AUC", "P(same-class S > cross-class S)", {}, reference=0.5, ylim=(0, 1))
-    ratio = BandPanel("same/cross ratio, class mean", "A[b, b] / mean A[a != b, b]", {}, reference=1.0)
-    for m, a in analysis.items():
-        steps = a.runs.steps
-        assert a.auc is not None  # classification measures have the AUC
-        auc.lines[m] = (steps, a.auc.point, a.auc.low, a.auc.high)
-        b = band(nan_mean(a.runs.stack("same_cross"), axis=2))  # [R, S] class means -> [S]
-        ratio.lines[m] = (steps, b.mean, b.mean - b.std, b.mean + b.std)
-    return [auc, ratio]
-
-
-def _comparison(
-    curves: dict[str, dict[str, MeasureCurves]], stores: dict[str, Any], out: Path
-) -> tuple[dict[str, Any], list[dict[str, str]]]:
-    """The measures stored in more than one store, side by side: the summary section (per
-    measure and store, that store's measure summary) and ``comparison.png``."""
+def _comparison(curves: dict[str, dict[str, MeasureCurves]], stores: dict[str, Any]) -> dict[str, Any]:
+    """The measures stored in more than one store, side by side: per measure and store, that
+    store's measure summary."""
     counts = Counter(m for per_store in curves.values() for m in per_store)
     common = [m for m, n in counts.items() if n > 1]
-    section = {
+    return {
         "stores": list(curves),
         "measures": {
             m: {name: s["measures"][m] for name, s in stores.items() if m in s["measures"]} for m in common
         },
     }
-    rows = [
-        OverlayRow("separation AUC", {m: {} for m in common}, reference=0.5),
-        OverlayRow("same/cross ratio, class mean", {m: {} for m in common}, reference=1.0),
-        OverlayRow("median S_rel over pairs", {m: {} for m in common}),
-    ]
-    for name, per_store in curves.items():
-        for m, c in per_store.items():
-            if m not in common:
-                continue
-            if c.classpairs is not None:
-                assert c.auc is not None  # classification, as the class pairs say
-                rows[0].data[m][name] = (c.steps, c.auc)
-                rows[1].data[m][name] = (c.steps, nan_mean(c.same_cross("mean"), axis=1))
-            else:
-                rows[2].data[m][name] = (c.steps, c.quantiles[:, 1])
-    rows = [row for row in rows if any(row.data.values())]
-    if not rows:
-        return section, []
-    plot_overlay_grid(rows, out / "comparison.png", "Replay configurations side by side")
-    return section, [{"file": "comparison.png", "caption": f"Stores compared: {', '.join(curves)}"}]
 
 
 # ----------------------------------------------------------------------------- training
@@ -517,6 +537,29 @@ def _training_summary(series: dict[str, dict[str, dict[str, Series]]]) -> dict[s
 
 
 # ----------------------------------------------------------------------------- numbers
+
+
+def _select_stores(
+    results: dict[str, list[ReplayResult]], stores: list[str] | None
+) -> dict[str, list[ReplayResult]]:
+    """``results`` (run -> its stores) restricted to the stores named ``stores`` (None: all)."""
+    if stores is None:
+        return results
+    stored = list(dict.fromkeys(r.name for rs in results.values() for r in rs))
+    unknown = [s for s in stores if s not in stored]
+    if unknown:
+        raise ResultsError(f"store(s) {', '.join(unknown)} not found; stored: {', '.join(stored)}")
+    chosen = {run: [r for r in rs if r.name in stores] for run, rs in results.items()}
+    return {run: rs for run, rs in chosen.items() if rs}
+
+
+def _unusable(result: ReplayResult) -> str:
+    """Why the store ``result`` cannot be analyzed ("" when it can)."""
+    if not result.num_snapshots:
+        return "no completed snapshot"
+    if len(result.targets) < 2:
+        return "a single probe: S_rel is measured between pairs of probes"
+    return ""
 
 
 def _select_measures(results: list[ReplayResult], measures: list[str] | None) -> list[str]:

@@ -10,32 +10,64 @@ arrays stay on disk until :meth:`SnapshotArray.read` is called.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from recorder.rundir.errors import ResultsError
+from recorder.rundir.files import is_number
+from replay.measures import eps_dominated
 from replay.store import StoredArray, open_store, store_paths
 
 
 class SnapshotArray:
-    """A stored array ``[S_all, ...]`` seen through the done snapshots: shape ``[S, ...]``."""
+    """A stored array ``[S_all, ...]`` seen through the done snapshots: shape ``[S, ...]``.
 
-    def __init__(self, array: StoredArray, done_index: np.ndarray):
+    ``store``, ``name``: where it is (``<store>/<name>``); ``done_index`` ``[S]``: the positions of
+    the done snapshots, at training steps ``steps`` ``[S]``.
+    """
+
+    def __init__(self, array: StoredArray, done_index: np.ndarray, store: Path, name: str, steps: np.ndarray):
         self._array = array
         self._done_index = done_index
+        self._store, self._name, self._steps = store, name, steps
 
     @property
     def shape(self) -> tuple[int, ...]:
         return (len(self._done_index),) + self._array.shape[1:]
 
     def read(self) -> np.ndarray:
-        """The done snapshots as a float64 array ``[S, ...]`` (read from disk now)."""
+        """The done snapshots as a float64 array ``[S, ...]`` (read from disk now).
+
+        Raises :class:`ResultsError` naming the first damaged snapshot when a chunk cannot be
+        decoded (bytes changed or cut from outside)."""
         if len(self._done_index) == 0:
             return np.empty(self.shape)
-        return np.asarray(self._array.read(self._done_index), dtype=np.float64)
+        try:
+            return np.asarray(self._array.read(self._done_index), dtype=np.float64)
+        except Exception as e:  # noqa: BLE001 - damaged bytes raise whatever the codec raises
+            raise self._damaged(e) from None
+
+    def _damaged(self, error: Exception) -> ResultsError:
+        """The error naming the first done snapshot whose chunk cannot be read (a replay of the
+        store checks the chunks of its done snapshots and recomputes the damaged ones)."""
+        k = next((k for k in range(len(self._done_index)) if not self._readable(k)), 0)
+        s = self._done_index[k]
+        return ResultsError(
+            f"{self._store}: {self._name} of snapshot {s} (step {self._steps[k]}) is damaged "
+            f"({type(error).__name__}: {error}); rerun the replay that wrote this store: it recomputes "
+            "that snapshot"
+        )
+
+    def _readable(self, k: int) -> bool:
+        try:
+            self._array.read(self._done_index[k : k + 1])
+        except Exception:  # noqa: BLE001 - as in :meth:`read`
+            return False
+        return True
 
 
 @dataclass
@@ -51,11 +83,16 @@ class ReplayResult:
         include_self: whether the stored class-pair aggregates include the self pairs.
         measure_names: the stored measures, in store order.
         num_stored: snapshots in the store, done or not.
+        stored_steps: ``[num_stored]`` training step of each snapshot in the store, done or not.
         steps, epochs: ``[S]`` training step and epoch of each done snapshot.
         targets: ``probe_targets``, ``[P]`` classes or ``[P]`` / ``[P, C]`` regression targets.
         labels: ``[P]`` class index in ``0 .. K-1`` of each probe; None for regression.
         classes: the ``K`` class labels; None for regression.
         error_estimate: ``[S]`` estimated relative error of the stored measures.
+        arithmetic: ``[S]`` the arithmetic that computed each snapshot (``""``: not stored).
+        eps_dominated: measure name -> ``[S]`` how many probes' self change ``N[i, i]`` the
+            ratio's ``eps`` exceeds 1% of (:func:`replay.measures.eps_dominated`): their rows of
+            ``S`` are mostly ``eps``; empty for a store that holds no self changes.
         measures: measure name -> ``[S, P, P]`` (row updated on, column observed).
         classpairs: measure name -> stat (``mean``, ``median``) -> ``[S, K, K]`` ``A[a, b]``;
             empty for regression.
@@ -69,6 +106,7 @@ class ReplayResult:
     include_self: bool
     measure_names: tuple[str, ...]
     num_stored: int
+    stored_steps: np.ndarray
     steps: np.ndarray
     epochs: np.ndarray
     targets: np.ndarray
@@ -77,6 +115,8 @@ class ReplayResult:
     error_estimate: np.ndarray
     measures: dict[str, SnapshotArray]
     classpairs: dict[str, dict[str, SnapshotArray]]
+    arithmetic: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
+    eps_dominated: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def is_classification(self) -> bool:
@@ -106,6 +146,12 @@ def load_result(path: str | Path) -> ReplayResult:
     """Open one replay store (see :func:`load_results`)."""
     store = open_store(path)
     done_index = np.flatnonzero(store.done)
+    steps = store.steps[done_index]
+    eps: Any = store.config.get("ratio_eps")  # JSON as stored: a number, or nothing to flag by
+
+    def seen(array: StoredArray, name: str) -> SnapshotArray:
+        return SnapshotArray(array, done_index, store.path, name, steps)
+
     return ReplayResult(
         name=store.name,
         path=store.path,
@@ -115,15 +161,35 @@ def load_result(path: str | Path) -> ReplayResult:
         include_self=store.include_self,
         measure_names=store.measure_names,
         num_stored=len(store.done),
-        steps=store.steps[done_index],
+        stored_steps=store.steps,
+        steps=steps,
         epochs=store.epochs[done_index],
         targets=store.targets,
         labels=store.labels,
         classes=store.classes,
         error_estimate=store.error_estimate[done_index],
-        measures={m: SnapshotArray(a, done_index) for m, a in store.measures.items()},
+        measures={m: seen(a, f"measures/{m}") for m, a in store.measures.items()},
         classpairs={
-            m: {stat: SnapshotArray(a, done_index) for stat, a in stats.items()}
+            m: {stat: seen(a, f"classpairs/{m}/{stat}") for stat, a in stats.items()}
             for m, stats in store.classpairs.items()
         },
+        arithmetic=store.arithmetic[done_index],
+        eps_dominated={
+            m: eps_dominated(torch.as_tensor(seen(a, f"self_change/{m}").read()), float(eps)).sum(-1).numpy()
+            for m, a in (store.self_change if is_number(eps) else {}).items()
+        },
+    )
+
+
+def eps_note(result: ReplayResult, where: str) -> str | None:
+    """A note on the measures of ``result`` (a store named ``where``) whose rows are mostly ``eps``
+    at some snapshot (:attr:`ReplayResult.eps_dominated`), or None."""
+    flagged = {m: int((n > 0).sum()) for m, n in result.eps_dominated.items() if (n > 0).any()}
+    if not flagged:
+        return None
+    at = ", ".join(f"{m} at {k} of {result.num_snapshots} snapshots" for m, k in flagged.items())
+    return (
+        f"{where}: ratio eps {result.config['ratio_eps']:g} exceeds 1% of the self change N[i, i] of "
+        f"some probes ({at}): their rows of S are mostly eps; a replay with a smaller --ratio-eps "
+        "(0 suits tiny steps) avoids it"
     )

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from analyses.published import PUBLISHED_AS
+
 NUMBER_COLUMNS = ("AUC final", "AUC avg", "AUC avg CI", "same/cross", "same/cross (median)", "median S final")
 SUMMARY_HEADER = ("store", "measure", *NUMBER_COLUMNS)
 COMPARISON_HEADER = ("measure", "store", *NUMBER_COLUMNS)
@@ -19,12 +21,19 @@ SUMMARY_NOTE = (
 
 
 def summary_rows(summary: dict[str, Any]) -> list[list[str]]:
-    """One row per store and measure, columns :data:`SUMMARY_HEADER`."""
+    """One row per store and measure, columns :data:`SUMMARY_HEADER`; a store replayed only in
+    part is marked with its snapshots done, e.g. ``adam-fresh (25/201 snapshots)``."""
     return [
-        [store, measure, *_numbers(m)]
+        [store_label(store, s), measure, *_numbers(m)]
         for store, s in summary["stores"].items()
         for measure, m in s["measures"].items()
     ]
+
+
+def store_label(store: str, s: dict[str, Any]) -> str:
+    """``store``, with ``(done/listed snapshots)`` when it is replayed only in part."""
+    n = s["snapshots"]
+    return f"{store} ({n['done']}/{n['listed']} snapshots)" if n["partial"] else store
 
 
 def comparison_rows(summary: dict[str, Any]) -> list[list[str]]:
@@ -50,8 +59,15 @@ def ratio_table(store: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 PAPER_NOTE = (
     "Time-averaged A[b,b] / mean A[a!=b,b] per updated class b, self pairs included (the paper's "
-    "protocol), mean ± sd over runs, beside the published mean of 3 runs (SPEC §5)."
+    "protocol), mean ± sd over runs, beside the published mean of 3 runs. The published orig column "
+    "stands beside seed_orig, the ratio the paper's code computed (mean absolute probability change "
+    "over the root mean square of the self change), not beside orig_probs_l2; the published KL column "
+    "beside seed_kl. The published accuracy was measured on training images."
 )
+ACCURACY_LABELS = {  # metric of ours -> how the table names the comparison
+    "test_acc": ("test accuracy", "ours on test images, published on training images"),
+    "train_sample_acc": ("training-image accuracy", "both on a sample of training images"),
+}
 PHASES_HEADER = (
     "store",
     "measure",
@@ -80,7 +96,7 @@ def paper_header(paper: dict[str, Any]) -> list[str]:
 
 def paper_rows(paper: dict[str, Any]) -> list[list[str]]:
     """The SPEC §5 table: per store and measure, our ratios (mean ± sd) and the published ones;
-    a last row with the final test accuracy."""
+    a last row with the final accuracy beside the published one, saying which accuracy ours is."""
     rows = []
     for store, measures in paper["stores"].items():
         for measure, r in measures.items():
@@ -88,9 +104,11 @@ def paper_rows(paper: dict[str, Any]) -> list[list[str]]:
                 [store, measure, "ours", *(_pm(m, s) for m, s in zip(r["ours"], r["std"], strict=True))]
             )
             if r["published"] is not None:
-                rows.append([store, measure, "published", *(fmt(v) for v in r["published"])])
+                source = f"published {PUBLISHED_AS.get(measure, measure)}"
+                rows.append([store, measure, source, *(fmt(v) for v in r["published"])])
     acc = paper["test_acc"]
-    cells = ["", "test accuracy", f"ours {_pm(acc['ours'], acc['std'])}, published {fmt(acc['published'])}"]
+    label, on = ACCURACY_LABELS[acc.get("metric", "test_acc")]
+    cells = ["", label, f"ours {_pm(acc['ours'], acc['std'])}, published {fmt(acc['published'])} ({on})"]
     return rows + [cells + [""] * (len(paper["classes"]) + 3 - len(cells))]
 
 

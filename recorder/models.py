@@ -9,13 +9,18 @@ more with :func:`register_model`. A factory outside the registry is only reachab
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from recorder.rundir.errors import RunDirError
+from recorder.rundir.probes import Inputs, describe, map_inputs
 from recorder.rundir.spec import ModelSpec
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -38,11 +43,26 @@ def registered_models() -> list[str]:
 
 
 def load_external_factory(target: str, name: str | None = None) -> str:
-    """Import ``module:function`` and register it (only on the user's explicit request)."""
+    """Import ``module:function`` and register it (only on the user's explicit request).
+
+    The module is looked up in the current folder first, then on ``sys.path`` (the current folder
+    is on the path for this import only). Raises ImportError when the module cannot be found or
+    its code raises, AttributeError when it has no such function."""
     module, _, attr = target.partition(":")
     if not module or not attr:
         raise ValueError(f"--allow-factory expects 'module:function', got {target!r}")
-    fn = getattr(importlib.import_module(module), attr)
+    cwd = os.getcwd()
+    sys.path.insert(0, cwd)
+    importlib.invalidate_caches()  # a module written since the folder was last looked at
+    try:
+        imported = importlib.import_module(module)
+    except ImportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the module's own code raises
+        raise ImportError(f"importing {module!r} raised {type(e).__name__}: {e}") from e
+    finally:
+        sys.path.remove(cwd)
+    fn = getattr(imported, attr)
     register_model(name or attr)(fn)
     return name or attr
 
@@ -90,21 +110,49 @@ def check_fits_before_building(spec: ModelSpec, params: dict[str, torch.Tensor],
     check_state_matches(skeleton, params, where)
 
 
-def probe_outputs(model: nn.Module, inputs: torch.Tensor, name: str) -> torch.Tensor:
-    """The outputs ``[1, ...]`` of ``model`` (named ``name`` in messages) on the first probe
-    ``inputs[:1]``, floating inputs cast to the model's dtype, without gradients. Raises
-    ValueError when the model cannot take the probe inputs ``[P, ...]``."""
+def model_outputs(returned: Any) -> Tensor:
+    """The outputs ``[N, C]`` in what a model returns: a tensor, or an object or mapping holding
+    one as ``logits`` (the outputs of Hugging Face models). Raises TypeError otherwise."""
+    if isinstance(returned, Tensor):
+        return returned
+    logits = returned.get("logits") if isinstance(returned, Mapping) else getattr(returned, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    raise TypeError(
+        f"the model returned a {type(returned).__name__}: it must return its outputs [N, C] as a tensor "
+        "or as the 'logits' of what it returns"
+    )
+
+
+def forward(
+    model: nn.Module, inputs: Inputs, state: dict[str, Tensor] | tuple[dict[str, Tensor], ...] | None = None
+) -> Tensor:
+    """``model``'s outputs ``[N, C]`` (:func:`model_outputs`) on ``inputs``: one tensor ``[N, ...]``
+    passed as its argument, or named tensors passed as keyword arguments; with ``state`` (weights
+    and buffers by name, or several such dicts), through ``torch.func.functional_call`` at those
+    values."""
+    args, kwargs = ((inputs,), {}) if isinstance(inputs, Tensor) else ((), dict(inputs))
+    returned = model(*args, **kwargs) if state is None else functional_call(model, state, args, kwargs)
+    return model_outputs(returned)
+
+
+def probe_outputs(model: nn.Module, inputs: Inputs, name: str) -> Tensor:
+    """The outputs ``[1, ...]`` of ``model`` (named ``name`` in messages) on the first probe of
+    ``inputs`` (:mod:`recorder.rundir.probes`), floating inputs cast to the model's dtype, without
+    gradients. Raises ValueError when the model cannot take the probe inputs."""
     weight = next(iter(model.parameters()), None)
-    x = inputs[:1].detach().cpu()
-    if x.is_floating_point() and weight is not None:
-        x = x.to(weight.dtype)
+
+    def first(t: Tensor) -> Tensor:
+        t = t[:1].detach().cpu()
+        return t.to(weight.dtype) if t.is_floating_point() and weight is not None else t
+
     try:
         with torch.no_grad():
-            return model(x)
+            return forward(model, map_inputs(first, inputs))
     except Exception as e:  # noqa: BLE001 - whatever the model raises on inputs it cannot take
         raise ValueError(
-            f"probe inputs of shape {tuple(inputs.shape)} and dtype {inputs.dtype} do not fit the model "
-            f"{name!r} ({type(e).__name__})"
+            f"probe inputs {describe(inputs)} do not fit the model {name!r} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''})"
         ) from None
 
 
@@ -376,6 +424,29 @@ def tied_tokens(vocab: int, num_outputs: int, width: int = 6) -> nn.Module:
     return TiedTokens(vocab, num_outputs, width)
 
 
+class KeywordTokens(nn.Module):
+    """Named inputs, as a transformers model takes them: ``input_ids`` int64 ``[N, L]`` and
+    ``attention_mask`` ``[N, L]`` (1 for a token, 0 for padding); the embeddings of the tokens
+    averaged, an MLP, and the outputs returned as ``{"logits": [N, C]}``."""
+
+    def __init__(self, vocab: int, num_outputs: int, width: int = 6):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, width)
+        self.fc = nn.Linear(width, width)
+        self.head = nn.Linear(width, num_outputs)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+        keep = attention_mask.unsqueeze(-1)  # [N, L, 1]
+        pooled = (self.embedding(input_ids) * keep).sum(1) / keep.sum(1).clamp_min(1)
+        return {"logits": self.head(torch.relu(self.fc(pooled)))}
+
+
+@register_model("keyword_tokens")
+def keyword_tokens(vocab: int, num_outputs: int, width: int = 6) -> nn.Module:
+    """See :class:`KeywordTokens`."""
+    return KeywordTokens(vocab, num_outputs, width)
+
+
 class Recurrent(nn.Module):
     """A ``GRU`` over a sequence ``[N, L, in_features]``, its last hidden state to a linear head:
     -> ``[N, C]``."""
@@ -415,3 +486,54 @@ class Adapter(nn.Module):
 def adapter(in_features: int, num_outputs: int, hidden: int = 8, rank: int = 2) -> nn.Module:
     """See :class:`Adapter`."""
     return Adapter(in_features, num_outputs, hidden, rank)
+
+
+# ----------------------------------------------------------------------------- Hugging Face transformers
+
+# The Auto classes a run may name: each builds a model whose outputs carry ``logits`` [N, C].
+TRANSFORMERS_AUTO_CLASSES = (
+    "AutoModelForSequenceClassification",
+    "AutoModelForImageClassification",
+)
+# Keys of a stored configuration that are never passed on: ``auto_map`` points at remote code.
+_IGNORED_CONFIG_KEYS = ("auto_map", "trust_remote_code", "model_type", "transformers_version")
+
+
+@register_model("transformers")
+def transformers_model(auto_class: str, config: dict[str, Any]) -> nn.Module:
+    """A Hugging Face ``transformers`` model, built by the Auto class ``auto_class`` (one of
+    :data:`TRANSFORMERS_AUTO_CLASSES`) from its configuration ``config`` (``model.config.to_dict()``,
+    see :func:`transformers_spec`), randomly initialised: the snapshots hold its weights. Only
+    model types that ``transformers`` itself defines are built: never remote code, never a
+    download. Inputs are named tensors (``input_ids``, ``attention_mask``, ...), outputs the
+    ``logits`` [N, C] of what it returns. Attention is built ``eager`` (its plain operations, the
+    values of the fused kernels a training may use, up to rounding): that is what ``vmap`` and
+    forward-mode derivatives go through."""
+    if auto_class not in TRANSFORMERS_AUTO_CLASSES:
+        raise ValueError(f"auto_class must be one of {TRANSFORMERS_AUTO_CLASSES}, got {auto_class!r}")
+    if not isinstance(config, dict):
+        raise ValueError("config must be a JSON object (model.config.to_dict())")
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError(
+            "this run holds a Hugging Face transformers model: pip install 'local-elasticity[transformers]'"
+        ) from None
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
+        raise ValueError(f"model_type {model_type!r} is not a model type transformers defines")
+    settings = {k: v for k, v in config.items() if k not in _IGNORED_CONFIG_KEYS}
+    built = transformers.AutoConfig.for_model(model_type, **settings)
+    # attention by its plain operations (replay differentiates it forward and maps it over probes)
+    return getattr(transformers, auto_class).from_config(
+        built, trust_remote_code=False, attn_implementation="eager"
+    )
+
+
+def transformers_spec(model: nn.Module, auto_class: str = "AutoModelForSequenceClassification") -> ModelSpec:
+    """The :class:`ModelSpec` of a Hugging Face ``transformers`` ``model``: its configuration as
+    JSON and the Auto class that builds it again (:func:`transformers_model`)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise ValueError(f"{type(model).__name__} is not a transformers model (it has no config)")
+    return ModelSpec("transformers", {"auto_class": auto_class, "config": config.to_dict()})

@@ -42,7 +42,8 @@ from torch.nn.parallel import DistributedDataParallel
 from recorder.models import check_state_matches, probe_outputs, rebuild_model
 from recorder.rundir.errors import RunDirError
 from recorder.rundir.files import to_json
-from recorder.rundir.run import create_run_dir, probe_problem
+from recorder.rundir.probes import Inputs, probe_problem
+from recorder.rundir.run import create_run_dir
 from recorder.rundir.snapshot import SnapshotLayout
 from recorder.rundir.spec import LOSSES, TASKS, ModelSpec, RunSpec
 from recorder.rundir.trajectory import optimizer_metadata
@@ -88,8 +89,10 @@ class _SlotViews:
 class Recorder:
     """Attach to a training loop: ``step()`` after every optimizer step, ``close()`` at the end.
 
-    ``probes``: inputs [P, ...] and targets, [P] int64 classes (classification) or [P, C] floats
-    (regression). ``model`` must be what ``build_model(model_spec)`` builds (same parameter and
+    ``probes``: inputs [P, ...] (one tensor, or a dict of named tensors [P, ...] that the model
+    takes as keyword arguments, such as ``input_ids`` and ``attention_mask``) and targets, [P]
+    int64 classes (classification) or [P, C] floats (regression). The model returns its outputs
+    [N, C] as a tensor or as the ``logits`` of what it returns (Hugging Face models). ``model`` must be what ``build_model(model_spec)`` builds (same parameter and
     buffer names and shapes), or that module wrapped by ``DistributedDataParallel`` or
     ``torch.compile``; a model sharded by FSDP (1 or 2) is refused. Under ``torch.distributed``
     only global rank 0 records: on other ranks the recorder counts steps and writes nothing.
@@ -110,7 +113,7 @@ class Recorder:
         run_dir: str | os.PathLike,
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None,
-        probes: tuple[torch.Tensor, torch.Tensor],
+        probes: tuple[Inputs, torch.Tensor],
         model_spec: ModelSpec,
         task: str,
         loss: str,
@@ -159,7 +162,8 @@ class Recorder:
         )
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.step_count = 0  # optimizer steps taken so far
-        self.epoch = 0
+        self.epoch = 0  # the epoch of the next step
+        self._step_epoch = 0  # the epoch of the last step counted (0 before the first): a snapshot's epoch
         self._closed = False
         # The staged snapshots and the writer, shared with the sender thread; notified when the
         # recorder stops.
@@ -168,7 +172,7 @@ class Recorder:
         self._records = not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
         if not self._records:
             return
-        create_run_dir(run_dir, spec, inputs, targets)
+        create_run_dir(run_dir, spec, inputs, targets, complete=False)
         self._step_metrics: dict[str, float] = {}  # what step() got at the current step
         self._last_snapshot = -1
         self._layout: SnapshotLayout | None = None
@@ -202,6 +206,12 @@ class Recorder:
     def step(self, epoch: int | None = None, **metrics: float) -> None:
         """Count one optimizer step, log its metrics and snapshot if the schedule says so.
 
+        The step belongs to ``epoch`` when given; else to the epoch of the step before, or to
+        ``e + 1`` after ``log_epoch(e)`` (0 at first). So a loop that calls ``step()`` without
+        ``epoch`` and ``log_epoch(e)`` at the end of epoch ``e`` labels the steps of its first
+        epoch 0, of the next 1, and so on, as the presets do. A snapshot is labelled with the
+        epoch of the step it follows (step 0: epoch 0).
+
         Metrics should be Python numbers: a CUDA tensor would cost a device synchronization.
         Not allowed during CUDA graph capture (a replayed graph runs no Python: no step would be
         counted): call it after each ``graph.replay()``.
@@ -217,18 +227,21 @@ class Recorder:
             self.step_count += 1
             if epoch is not None:
                 self.epoch = epoch
+            self._step_epoch = self.epoch
             if not self._records:
                 return
             self._step_metrics = {k: float(v) for k, v in metrics.items()} if metrics else {}
             if self._step_metrics:
                 self._writer.log(
-                    {"kind": "step", "step": self.step_count, "epoch": self.epoch, **self._step_metrics}
+                    {"kind": "step", "step": self.step_count, "epoch": self._step_epoch, **self._step_metrics}
                 )
             if self.schedule.due(self.step_count):
                 self._snapshot()
 
     def log_epoch(self, epoch: int, **metrics: float) -> None:
-        """Log per-epoch metrics (a ``"kind": "epoch"`` row of ``metrics.jsonl``)."""
+        """Log per-epoch metrics (a ``"kind": "epoch"`` row of ``metrics.jsonl``) at the end of
+        epoch ``epoch``: later steps belong to epoch ``epoch + 1`` (unless :meth:`step` says
+        otherwise)."""
         with self._lock:
             self._check_open()
             if self._records:
@@ -236,10 +249,13 @@ class Recorder:
                 row = {"kind": "epoch", "step": self.step_count, "epoch": epoch}
                 self._writer.log({**row, **{k: float(v) for k, v in metrics.items()}})
                 self._writer.flush_rows()
-            self.epoch = epoch
+            self.epoch = epoch + 1
 
     def close(self) -> None:
-        """Snapshot the last step (unless already taken), wait for every write, raise writer errors."""
+        """Snapshot the last step (unless already taken), wait for every write, raise writer errors.
+        The manifest then says the recording is complete (``"complete": true``); a recorder
+        stopped otherwise (an exception in its ``with`` block, the interpreter's exit, a kill)
+        leaves it ``false``."""
         try:
             with self._lock:
                 if self._closed:
@@ -250,7 +266,7 @@ class Recorder:
         except BaseException:
             self._stop(raise_error=False)  # outside the lock: it waits for the sender thread
             raise
-        self._stop(raise_error=True)
+        self._stop(raise_error=True, complete=True)
 
     def __enter__(self) -> Recorder:
         return self
@@ -269,18 +285,19 @@ class Recorder:
         if self._send_error is not None:
             raise self._send_error
 
-    def _stop(self, raise_error: bool) -> None:
+    def _stop(self, raise_error: bool, complete: bool = False) -> None:
         """Send what is staged, release the shared memory once no copy into it runs, let the
-        writer finish (also at interpreter exit, when ``close()`` was not called); once. The
-        sender thread has ended when this returns (none may run while the interpreter exits)."""
+        writer finish (also at interpreter exit, when ``close()`` was not called); once.
+        ``complete``: training finished (``close()``). The sender thread has ended when this
+        returns (none may run while the interpreter exits)."""
         try:
-            self._stop_locked(raise_error)
+            self._stop_locked(raise_error, complete)
         finally:
             sender = getattr(self, "_sender", None)
             if sender is not None and sender.is_alive() and threading.current_thread() is not sender:
                 sender.join()
 
-    def _stop_locked(self, raise_error: bool) -> None:
+    def _stop_locked(self, raise_error: bool, complete: bool) -> None:
         """:meth:`_stop` under the lock shared with the sender thread."""
         with self._lock:
             if self._closed:
@@ -302,7 +319,7 @@ class Recorder:
                             _unpin(views.payload)
                     self._slot_views.clear()
                 finally:  # after a failed send, its error is the one raised
-                    self._writer.close(raise_error=raise_error and sent)
+                    self._writer.close(raise_error=raise_error and sent, complete=complete and sent)
 
     def _send_on_time(self) -> None:
         """The sender thread: send staged snapshots (whose copies are done) at most
@@ -371,7 +388,7 @@ class Recorder:
                 layout,
                 optimizer,
                 self.step_count,
-                self.epoch,
+                self._step_epoch,
                 lr if isinstance(lr, float | int) else None,
                 self._step_metrics,
                 events,
@@ -542,7 +559,7 @@ def _frozen(model: nn.Module) -> dict[str, list[str]]:
     return {"frozen": names} if names else {}
 
 
-def _check_model(model: nn.Module, spec: ModelSpec, inputs: torch.Tensor) -> int:
+def _check_model(model: nn.Module, spec: ModelSpec, inputs: Inputs) -> int:
     """Check that ``model`` is what ``spec`` builds and takes the probe ``inputs`` ``[P, ...]``;
     return its number of outputs C (recording does not change the training's random stream)."""
     reference = rebuild_model(spec)

@@ -2,6 +2,10 @@
 
 Step ``s`` means the weights after ``s`` optimizer steps (step 0: before training). The recorder
 always snapshots step 0 and the last step on top of whatever the schedule says.
+
+A schedule can also count batches within each epoch (:meth:`Schedule.every_in_epoch`), as a
+training loop's ``enumerate(loader)`` does: batch ``b`` (from 0) of epoch ``e`` of ``L`` batches
+ends at step ``e * L + b + 1``.
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Schedule:
-    """Snapshot every ``every_n`` steps (0: never) and at the explicit ``steps``."""
+    """Snapshot every ``every_n`` steps (0: never), at the explicit ``steps``, and after every
+    batch ``b`` with ``b % epoch_every == 0`` of each epoch of ``epoch_length`` batches (0: never)."""
 
     every_n: int = 0
     steps: frozenset[int] = frozenset()
+    epoch_every: int = 0
+    epoch_length: int = 0
 
     @classmethod
     def every(cls, n: int) -> Schedule:
@@ -23,6 +30,15 @@ class Schedule:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"Schedule.every(n) needs a positive integer, got {n!r}")
         return cls(every_n=n)
+
+    @classmethod
+    def every_in_epoch(cls, n: int, epoch_length: int) -> Schedule:
+        """After batches 0, n, 2n, ... of every epoch of ``epoch_length`` batches (the batch index
+        restarts at 0 each epoch): steps ``e * epoch_length + b + 1``."""
+        for name, value in (("n", n), ("epoch_length", epoch_length)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Schedule.every_in_epoch: {name} must be a positive integer, got {value!r}")
+        return cls(epoch_every=n, epoch_length=epoch_length)
 
     @classmethod
     def at(cls, steps: Iterable[int]) -> Schedule:
@@ -56,7 +72,14 @@ class Schedule:
 
     def due(self, step: int) -> bool:
         """Whether ``step`` is scheduled (the recorder adds step 0 and the last step itself)."""
-        return (self.every_n > 0 and step % self.every_n == 0) or step in self.steps
+        in_epoch = (
+            self.epoch_every > 0 and step > 0 and (step - 1) % self.epoch_length % self.epoch_every == 0
+        )
+        return (self.every_n > 0 and step % self.every_n == 0) or step in self.steps or in_epoch
 
     def to_json(self) -> dict[str, object]:
-        return {"every_n": self.every_n, "steps": sorted(self.steps)}
+        """``every_n`` and ``steps``, and ``epoch_every`` and ``epoch_length`` where set."""
+        within = (
+            {"epoch_every": self.epoch_every, "epoch_length": self.epoch_length} if self.epoch_every else {}
+        )
+        return {"every_n": self.every_n, "steps": sorted(self.steps), **within}

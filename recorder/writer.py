@@ -22,6 +22,7 @@ was sent and exits.
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -38,6 +39,11 @@ from typing import IO, Any
 from recorder.rundir.errors import WriterError
 from recorder.rundir.trajectory import TrajectoryWriter, safetensors_header, snapshot_metadata
 
+_FULL = {  # errors of a write that found no room, as messages say them
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file size limit reached",
+}
 MAX_SLOTS = 8  # shared-memory slots, so snapshots in flight at most
 MIN_SLOTS = 2
 SLOT_MEMORY = 64 << 20  # the slots' memory when the number of slots is not given (bytes)
@@ -172,12 +178,13 @@ class WriterProcess:
         self._read_answers(wait=False)
         self._raise_error()
 
-    def close(self, raise_error: bool = True) -> None:
+    def close(self, raise_error: bool = True, complete: bool = False) -> None:
         """Send the remaining rows and the end, let the child finish every snapshot it was sent,
-        wait for it."""
+        wait for it. ``complete``: training finished (the last snapshot was sent), so the child
+        marks the recording complete in the manifest once everything is listed."""
         try:
             if self.process.poll() is None:
-                self._send([{"end": True}])
+                self._send([{"end": True, "complete": complete}])
         except WriterError:
             pass
         finally:
@@ -249,32 +256,41 @@ class _Child:
     thread that commits what was written every :data:`COMMIT_SECONDS`."""
 
     def __init__(self, run_dir: str, fds: list[int]):
-        self.trajectory = TrajectoryWriter(run_dir)
+        self.trajectory = TrajectoryWriter(run_dir, complete=False)
         self.fds = fds
         self.maps: dict[int, mmap.mmap] = {}
         self.texts: dict[int, str] = {}  # header entries and optimizer metadata, by number
         self.error: dict[str, Any] = {}  # the first failure, repeated in every later answer
         self.lock = threading.Lock()  # the trajectory's state, the error, stdout
+        self.committing = threading.Lock()  # one commit at a time
         self.stopping = threading.Event()
         self.committer = threading.Thread(target=self._commit_every, name="commit")
 
     def serve(self) -> None:
         self.committer.start()
+        complete = False
         try:
             for line in sys.stdin.buffer:
                 message = json.loads(line)
                 if message.get("end"):
+                    complete = bool(message.get("complete"))
                     break
                 self.handle(message)
         finally:
             self.stopping.set()
             self.committer.join()
             self.commit()
+            if complete and not self.error:
+                self._attempt(None, "the manifest", self.trajectory.finish)
+            with self.lock:
+                if self.error:
+                    self._answer(None)  # a late failure (the last commit) reaches the training process
 
     def handle(self, message: dict[str, Any]) -> None:
         """Write a message's rows and snapshot (listed by a later commit); answer it."""
         slot = message.get("slot")
-        where = f"the snapshot of step {message['step']}" if slot is not None else "metrics rows"
+        step = message["step"] if slot is not None else None
+        where = f"the snapshot of step {step}" if slot is not None else "metrics rows"
 
         def write() -> None:
             self.trajectory.log_metrics(*message["rows"])
@@ -297,22 +313,24 @@ class _Child:
                         metrics=message["metrics"],
                     )
 
+        self._attempt(step, where, write)
         with self.lock:
-            self._attempt(where, write)
             self._answer(slot)
 
     def commit(self) -> None:
         """Make what was written durable and list it (the disk's wait outside the lock); a
-        failure is answered at once."""
-        with self.lock:
-            if self.error:
-                return
-            taken = self.trajectory.take_uncommitted()
-        failure = self._failure("the manifest", lambda: self.trajectory.commit(taken))
-        if failure:
+        failure is answered at once. Also after a failed write: what was written before it is
+        complete."""
+        with self.committing:
             with self.lock:
-                self.error = self.error or failure
-                self._answer(None)
+                taken = self.trajectory.take_uncommitted()
+            try:
+                self.trajectory.commit(taken)
+            except Exception as e:  # noqa: BLE001 - reported to the training process
+                with self.lock:
+                    if not self.error:
+                        self.error = self._report(None, "the manifest", e)
+                        self._answer(None)
 
     def _commit_every(self) -> None:
         while not self.stopping.wait(COMMIT_SECONDS):
@@ -325,19 +343,37 @@ class _Child:
         except BrokenPipeError:
             pass
 
-    def _attempt(self, where: str, work: Callable[[], None]) -> None:
-        """Do ``work`` unless something failed before; keep the first failure."""
-        if not self.error:
-            self.error = self._failure(where, work)
+    def _attempt(self, step: int | None, where: str, work: Callable[[], None]) -> None:
+        """Do ``work`` unless something failed before. On its failure, the first, list what was
+        written before it (:meth:`commit`), then keep the failure: nothing more is written."""
+        with self.lock:
+            if self.error:
+                return
+            try:
+                work()
+                return
+            except Exception as e:  # noqa: BLE001 - reported to the training process
+                failure = e
+        self.commit()
+        with self.lock:
+            self.error = self.error or self._report(step, where, failure)
 
-    @staticmethod
-    def _failure(where: str, work: Callable[[], None]) -> dict[str, Any]:
-        """Do ``work``; its failure as an answer's fields, or nothing."""
-        try:
-            work()
-        except Exception as e:  # noqa: BLE001 - reported to the training process
-            return {"error": f"writing {where}: {type(e).__name__}: {e}", "errno": getattr(e, "errno", None)}
-        return {}
+    def _report(self, step: int | None, where: str, error: Exception) -> dict[str, Any]:
+        """A failure as an answer's fields: ``error``, one line saying what failed and how many
+        snapshots the manifest lists, and ``errno``."""
+        code = getattr(error, "errno", None)
+        listed = self.trajectory.listed
+        outcome = (
+            f"{listed} snapshot{'s are' if listed != 1 else ' is'} complete and listed; the run replays"
+            if listed
+            else "no snapshot is listed"
+        )
+        if code in _FULL:
+            what = f"snapshot step {step}" if step is not None else where
+            message = f"{_FULL[code]} while writing {what} into {self.trajectory.path}: {outcome}"
+        else:
+            message = f"writing {where}: {type(error).__name__}: {error}; {outcome}"
+        return {"error": message, "errno": code}
 
 
 def serve(run_dir: str, fds: list[int]) -> None:
@@ -347,7 +383,10 @@ def serve(run_dir: str, fds: list[int]) -> None:
     Every message gets an answer (``{"slot": ..}``, with ``error`` and ``errno`` once a write
     has failed; a failed commit is answered with ``slot`` null). Written snapshots are committed
     (made durable, then listed) every :data:`COMMIT_SECONDS`, and at the end. After a failure
-    nothing more is written: the manifest stays a prefix of the run.
+    (a full disk, say) the snapshots written before it are committed, then nothing more is
+    written: the manifest stays a prefix of the run, and the error says how many it lists. The
+    manifest says ``"complete": false`` until an end line with ``"complete": true`` (the
+    recorder's ``close()``), after which, with nothing failed, it says true.
     """
     _Child(run_dir, fds).serve()
 

@@ -21,8 +21,10 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
+from torch.func import jvp
 
+from recorder.models import forward
+from recorder.rundir.probes import Inputs
 from replay.batching import Batching
 from replay.difference import BaseState, ChangePropagator
 
@@ -64,7 +66,7 @@ class OutputChanges(ABC):
 
 class Difference(OutputChanges):
     """The difference of two forward passes of ``model`` and ``torch.func.jvp``, in the dtype of
-    ``params``, ``buffers``, ``x`` ``[P, ...]`` and ``base`` (``f(x; w)`` ``[P, C]``; None:
+    ``params``, ``buffers``, ``x`` ``[P, ...]`` (or named tensors) and ``base`` (``f(x; w)`` ``[P, C]``; None:
     evaluated here)."""
 
     name = "difference"
@@ -75,7 +77,7 @@ class Difference(OutputChanges):
         model: nn.Module,
         params: dict[str, Tensor],
         buffers: dict[str, Tensor],
-        x: Tensor,
+        x: Inputs,
         base: Tensor | None,
         finite: bool,
         linear: bool,
@@ -90,7 +92,7 @@ class Difference(OutputChanges):
 
     def _forward(self, p: dict[str, Tensor]) -> Tensor:
         """``f(x; p)`` ``[P, C]``."""
-        return functional_call(self.model, (p, self.buffers), (self.x,))
+        return forward(self.model, self.x, (p, self.buffers))
 
     def __call__(self, update: dict[str, Tensor]) -> dict[str, Tensor]:
         moved = {k: self.params[k] + update[k] for k in self.params}

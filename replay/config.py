@@ -203,7 +203,10 @@ class ReplayConfig:
         }
 
     def to_json(self) -> dict[str, Any]:
-        return to_json(dataclasses.asdict(self))
+        """Every field, the update as the settings its rule uses (:meth:`UpdateConfig.effective`):
+        a store of ``recorded`` shows no learning rate it never used. :meth:`from_json` gives the
+        others their defaults."""
+        return to_json(dataclasses.asdict(self)) | {"update": self.update.effective()}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> ReplayConfig:

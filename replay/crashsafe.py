@@ -13,7 +13,10 @@ Crash safety, for a process killed at any moment (and a machine that goes down):
   that is not on disk. Undone snapshots are recomputed on resume and their chunks written whole
   (zarr does not read a chunk it overwrites entirely), so whatever they held does not matter;
 - a chunk of ``done`` or ``step`` that cannot be decoded (damage from outside) counts as not
-  done, so that snapshot is recomputed and its chunks rewritten.
+  done, so that snapshot is recomputed and its chunks rewritten; so does a done snapshot whose
+  chunk of another array cannot be decoded, or whose measure chunk is missing (every chunk of a
+  snapshot is written, even one of fill values only), checked by :func:`damaged_rows` when a
+  store is resumed.
 
 One writer at a time: :func:`exclusive_writer` holds an OS lock on ``RUN_DIR/<name>.zarr.lock``.
 """
@@ -120,3 +123,31 @@ def read_chunkwise(array: zarr.Array) -> tuple[np.ndarray, np.ndarray]:
             except Exception:  # noqa: BLE001
                 pass
         return values, readable
+
+
+def damaged_rows(
+    array: zarr.Array, rows: np.ndarray, root: Path | None, block_bytes: int = 64 << 20
+) -> set[int]:
+    """The rows ``rows`` (indices into the first axis of ``array`` ``[S, ...]``, one row per chunk)
+    whose chunk cannot be decoded, or, with ``root`` (the store's folder), is missing. Reads the
+    rows in blocks of about ``block_bytes``, a block that fails row by row."""
+    damaged: set[int] = set()
+    if root is not None:
+        folder = root / array.path
+        zeros = (0,) * (array.ndim - 1)
+        damaged = {
+            int(s) for s in rows if not (folder / array.metadata.encode_chunk_key((int(s), *zeros))).is_file()
+        }
+    row_bytes = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize)
+    per_block = max(1, block_bytes // row_bytes)
+    for start in range(0, len(rows), per_block):
+        block = rows[start : start + per_block]
+        try:
+            array.oindex[block]
+        except Exception:  # noqa: BLE001 - damaged bytes raise whatever the codec raises
+            for s in block:
+                try:
+                    array[int(s)]
+                except Exception:  # noqa: BLE001
+                    damaged.add(int(s))
+    return damaged

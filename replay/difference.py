@@ -46,6 +46,7 @@ from torch.func import functional_call, jvp
 from torch.utils import _pytree as pytree
 
 from recorder.rundir.errors import UnsupportedModel
+from recorder.rundir.probes import Inputs
 from replay.state import retype as retype_floating
 
 # Modules whose output is a linear function of their input alone (no parameters).
@@ -114,6 +115,7 @@ class ChangePropagator:
         except Exception as e:  # fx raises many kinds of errors on code it cannot trace
             raise UnsupportedModel(f"torch.fx cannot trace {type(model).__name__}: {e}") from None
         self.nodes = list(self.graph_module.graph.nodes)
+        self.output = _output_node(self.nodes[-1])
         self.modules = dict(self.graph_module.named_modules())
         self.aliases = _aliases(model)
 
@@ -125,16 +127,19 @@ class ChangePropagator:
         self,
         params: dict[str, Tensor],
         buffers: dict[str, Tensor],
-        x: Tensor,
+        x: Inputs,
         dtype: torch.dtype = torch.float32,
     ) -> BaseState:
-        """Every node's value at ``params`` and ``buffers`` (float64) for inputs ``x`` ``[P, ...]``;
-        :meth:`change` then works in ``dtype`` (float32; float64 for a reference)."""
+        """Every node's value at ``params`` and ``buffers`` (float64) for inputs ``x`` ``[P, ...]``
+        (the model's first argument; named tensors: its arguments of those names, the others at
+        their defaults); :meth:`change` then works in ``dtype`` (float32; float64 for a reference)."""
         state = self._tied(params | buffers)
+        first = next(n.target for n in self.nodes if n.op == "placeholder")
+        arguments = {first: x} if isinstance(x, Tensor) else x
         values: dict[str, Any] = {}
         for node in self.nodes:
             if node.op == "placeholder":
-                values[node.name] = x
+                values[node.name] = _argument(node, arguments)
             elif node.op != "output":
                 args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n.name])
                 values[node.name] = self._call(node, args, kwargs, state)
@@ -159,10 +164,10 @@ class ChangePropagator:
 
     def outputs(self, base: BaseState) -> Tensor:
         """The model's outputs at the weights of ``base`` (float64): ``f(x; w)`` ``[P, C]``."""
-        out = self.nodes[-1].args[0]
-        if self.nodes[-1].op != "output" or not isinstance(out, fx.Node):
-            raise UnsupportedModel("the traced graph does not return one tensor")
-        return base.values[out.name]
+        out = base.values[self.output.name]
+        if not isinstance(out, Tensor):
+            raise UnsupportedModel(f"the traced model returns a {type(out).__name__}, not a tensor")
+        return out
 
     def change(
         self, base: BaseState, update: dict[str, Tensor], finite: bool = True, linear: bool = False
@@ -180,7 +185,7 @@ class ChangePropagator:
             elif node.op == "get_attr":
                 changes[node.name] = tangents[node.name] = update.get(node.target)
             elif node.op == "output":
-                out = node.args[0].name
+                out = self.output.name
                 return ({"finite": changes[out]} if finite else {}) | (
                     {"linear": tangents[out]} if linear else {}
                 )
@@ -313,6 +318,26 @@ class ChangePropagator:
         tangent = iter(jvp(evaluate, (primals, moving), (directions, {k: update[k] for k in moving}))[1])
         spec, leaves = structure
         return pytree.tree_unflatten([next(tangent) if isinstance(t, Tensor) else t for t in leaves], spec)
+
+
+def _output_node(node: fx.Node) -> fx.Node:
+    """The node of the outputs ``[P, C]`` that the graph's ``output`` ``node`` returns: the value
+    returned, or its ``"logits"`` where it returns a dict. Raises :class:`UnsupportedModel`."""
+    out = node.args[0] if node.op == "output" else None
+    if isinstance(out, dict):
+        out = out.get("logits")
+    if not isinstance(out, fx.Node):
+        raise UnsupportedModel("the traced graph does not return one tensor, or a dict of its 'logits'")
+    return out
+
+
+def _argument(node: fx.Node, arguments: dict[str, Any]) -> Any:
+    """The value of the placeholder ``node``: the probe input of its name, else its default."""
+    if node.target in arguments:
+        return arguments[_name(node)]
+    if node.args:
+        return node.args[0]
+    raise UnsupportedModel(f"the model's argument {node.target!r} is not among the probe inputs")
 
 
 def _floating(value: Any) -> bool:

@@ -44,21 +44,21 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from recorder.losses import per_sample_loss
-from recorder.models import build_model, check_state_matches
+from recorder.models import build_model, check_state_matches, forward
 from recorder.rundir.errors import ReplayError, ReplayWarning, UnsupportedModel
+from recorder.rundir.probes import Inputs, num_probes, take
 from recorder.rundir.snapshot import Snapshot
 from recorder.rundir.spec import RunSpec
-from replay.batching import BATCHINGS, Loop
+from replay.batching import BATCHINGS, Loop, Vmap
 from replay.changes import Difference, OutputChanges, Propagation
-from replay.check import EXACT, ErrorCheck, Kept, amplification
+from replay.check import EXACT, ErrorCheck, Kept, amplification, gradient_rounding, sensitivity
 from replay.config import ReplayConfig
 from replay.difference import BaseState, ChangePropagator
 from replay.grads import block_updates, network_dtype, per_sample_grads, update_norms
-from replay.measures import evaluate, needs, resolve_measures
+from replay.measures import EPS_SHARE, eps_dominated, evaluate_with_self, needs, resolve_measures
 from replay.plan import (
     ARITHMETIC,
     Arithmetic,
@@ -87,7 +87,10 @@ class SnapshotResult:
 
     ``update_norm`` and the measures cover the computed rows ``R`` (all ``P`` in a stored result).
     ``amplification`` ``[R]``: ``max|f(x_i; w)| / max|D[i, i]|``, by how much the rounding error of
-    the outputs is magnified in the output change.
+    the outputs is magnified in the output change. ``self_change``: name -> ``[R]``, what each row
+    of that measure divides by before ``eps`` (:func:`~replay.measures.self_change`; empty where
+    not computed). ``error_estimate``: a bound on the relative error of the measures
+    (:mod:`replay.check`).
     """
 
     base_outputs: Tensor  # [P, C]
@@ -98,6 +101,7 @@ class SnapshotResult:
     error_estimate: float = math.nan
     arithmetic: str = ""  # the arithmetic that computed it (``auto``: the one it settled on)
     fallback: int = 0  # 1 + the index of its note in FALLBACK_NOTES where it fell back, else 0
+    self_change: dict[str, Tensor] = field(default_factory=dict)  # name -> [R]
 
 
 @functools.cache
@@ -141,23 +145,25 @@ class _Pass:
     arithmetic: Arithmetic
     params: dict[str, Tensor]
     buffers: dict[str, Tensor]
-    x: Tensor
+    x: Inputs
     y: Tensor
     network: torch.dtype
     update_params: dict[str, Tensor]
     grad_params: dict[str, Tensor]
     grad_buffers: dict[str, Tensor]
-    grad_x: Tensor
+    grad_x: Inputs
     chunks: tuple[Tensor, ...]
     keep: int
     kept: Kept
     nodes: BaseState | None = None  # every node's float64 value, where the changes propagate
     network_base: Tensor | None = None  # f(x; w) [P, C] in the network's dtype (a difference)
+    block_outputs: Tensor | None = None  # f(x; w) [B, C] of the block's rows, by its per-sample pass
     base: Tensor | None = None  # f(x; w) [P, C] in the exact dtype
     changes: OutputChanges | None = None
     norms: list[Tensor] = field(default_factory=list)  # [B] a block
     amplification: list[Tensor] = field(default_factory=list)  # [B] a block
     measures: dict[str, list[Tensor]] = field(default_factory=dict)  # name -> [B, P] a block
+    self_change: dict[str, list[Tensor]] = field(default_factory=dict)  # name -> [B] a block
 
     def outputs(self) -> Tensor:
         """``base``, which :meth:`Engine._start` or the first block (:meth:`Engine._block`) gives."""
@@ -168,13 +174,14 @@ class _Pass:
 class Engine:
     """Computes :class:`SnapshotResult` for the snapshots of one run under one configuration.
 
-    ``inputs`` ``[P, ...]`` and ``targets`` ``[P]`` / ``[P, C]``: the run's probe set. The plan
+    ``inputs`` ``[P, ...]`` (or named tensors, :mod:`recorder.rundir.probes`) and ``targets``
+    ``[P]`` / ``[P, C]``: the run's probe set. The plan
     (:mod:`replay.plan`) is chosen here: ``arithmetic`` (the one every snapshot starts with;
     ``auto`` moves a snapshot on to ``fallback`` when the first cannot resolve it: ``precision``),
     ``strategy`` and :meth:`rows_per_chunk`.
     """
 
-    def __init__(self, spec: RunSpec, inputs: Tensor, targets: Tensor, config: ReplayConfig):
+    def __init__(self, spec: RunSpec, inputs: Inputs, targets: Tensor, config: ReplayConfig):
         self.config = config
         self.loss = spec.loss
         self.num_outputs = spec.num_outputs
@@ -191,20 +198,30 @@ class Engine:
         self.model = build_model(spec.model).eval().to(self.device)
         self.frozen = frozen_names(self.model, spec.extra)
         self.inputs, self.targets = inputs, targets
+        self.num_probes = num_probes(inputs)
         self.budget = config.memory_budget or default_memory_budget(self.device)
         try:
             self.propagator: ChangePropagator | None = ChangePropagator(self.model)
         except UnsupportedModel:
             self.propagator = None
         model_dtype = next(self.model.parameters()).dtype
+        first = cast(take(inputs, slice(0, 1)), self.device, model_dtype)
         self.facts = ModelFacts(
             num_params=sum(p.numel() for p in self.model.parameters()),
-            activations=activations_per_sample(self.model, cast(inputs[:1], self.device, model_dtype)),
+            activations=activations_per_sample(self.model, first),
             traceable=self.propagator is not None,
         )
         self.precision = Precision(config.precision, self.facts.traceable, config.tolerance)
+        self._eps_warned = False  # whether a snapshot's self changes were found dominated by eps
         self.arithmetic, self.fallback = self.precision.first, self.precision.fallback
-        self.strategy = choose_strategy(config.strategy, self.device.type, self.facts, len(inputs))
+        self.strategy = choose_strategy(config.strategy, self.device.type, self.facts, self.num_probes)
+        if config.strategy == "auto" and self.strategy == Vmap.name and (problem := self._vmap_problem()):
+            warnings.warn(
+                f"the model cannot run under vmap ({problem}); probes are processed one at a time",
+                ReplayWarning,
+                stacklevel=2,
+            )
+            self.strategy = Loop.name
         self.batching = BATCHINGS[self.strategy]
         self.check = ErrorCheck(
             self.model,
@@ -217,6 +234,26 @@ class Engine:
             self.frozen,
         )
 
+    def _vmap_problem(self) -> str | None:
+        """Why the model cannot be evaluated under ``vmap`` (as data-dependent control flow, such
+        as a check of an attention mask's values, forbids), found on two probes at the model's
+        initial weights: their gradients and the output changes under them; None where it can."""
+        count = min(2, self.num_probes)
+        dtype = next(self.model.parameters()).dtype
+        x = cast(take(self.inputs, slice(0, count)), self.device, dtype)
+        y = cast(self.targets[:count], self.device, dtype)
+        params = {k: v.detach() for k, v in self.model.named_parameters()}
+        buffers = dict(self.model.named_buffers())
+        try:
+            with no_tf32(self.device), _composable_attention():
+                grads = per_sample_grads(self.model, self.loss, params, buffers, x, y, strategy=Vmap.name)
+                assert isinstance(grads, dict), "without outputs, the gradients alone"
+                self._difference(params, buffers, x, None).rows(BATCHINGS[Vmap.name], grads)
+        except Exception as e:  # noqa: BLE001 - whatever the model's operations raise under vmap
+            first = str(e).splitlines()[0] if str(e) else ""
+            return f"{type(e).__name__}: {first[:100]}{'...' if len(first) > 100 else ''}"
+        return None
+
     @property
     def measure_names(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.measures)
@@ -224,7 +261,7 @@ class Engine:
     def rows_per_chunk(self, arithmetic: str) -> int:
         """How many updated probes are processed at once within the memory budget, in ``arithmetic``."""
         return rows_per_chunk(
-            self.facts, len(self.inputs), ARITHMETIC[arithmetic], self.strategy, self.budget
+            self.facts, self.num_probes, ARITHMETIC[arithmetic], self.strategy, self.budget
         )
 
     def replay_snapshot(self, snapshot: Snapshot) -> SnapshotResult:
@@ -245,7 +282,7 @@ class Engine:
             try:
                 result = self.precision.settle(
                     lambda arithmetic, fallback: self._evaluate(snapshot, arithmetic, fallback),
-                    lambda result, kept: self.check.estimate(snapshot, result, kept),
+                    lambda result, kept: self._estimate(snapshot, result, kept),
                 )
             except ReplayError:
                 raise
@@ -254,7 +291,40 @@ class Engine:
                     raise
                 result = self._exact(where, snapshot, e)
         self.precision.judge(where, result)
+        self._warn_eps(where, result)
         return result
+
+    def _warn_eps(self, where: str, result: SnapshotResult) -> None:
+        """Warn (one line, at the first snapshot only) where ``eps`` dominates the self change of a
+        probe in some measure (:func:`~replay.measures.eps_dominated`): those rows of ``S`` are
+        more ``eps`` than change."""
+        eps = self.config.ratio_eps
+        flagged = {k: v[eps_dominated(v, eps)] for k, v in result.self_change.items()}
+        flagged = {k: v for k, v in flagged.items() if len(v)}
+        if not flagged or self._eps_warned:
+            return
+        self._eps_warned = True
+        smallest = min(v.abs().min().item() for v in flagged.values())
+        count = max(len(v) for v in flagged.values())
+        warnings.warn(
+            f"{where}: ratio eps {eps:g} exceeds {EPS_SHARE:.0%} of the self change N[i, i] of up to "
+            f"{count} of {self.num_probes} probes in {', '.join(flagged)} (smallest {smallest:.2g}): "
+            "their rows of S are mostly eps; a smaller --ratio-eps (0 suits tiny steps) avoids it "
+            "(later snapshots go unreported here: the store's self_change arrays hold every self change)",
+            ReplayWarning,
+            stacklevel=3,
+        )
+
+    def reference(self, snapshot: Snapshot) -> dict[str, Tensor]:
+        """Every measure ``[P, P]`` of ``snapshot`` in float64 throughout, gradients, updates and
+        changes, the changes propagated rather than differenced (no cancellation whatever the step;
+        for a model ``torch.fx`` cannot trace, a float64 difference): what the error estimate
+        bounds the error against (:mod:`replay.calibration`)."""
+        snapshot = uncompiled(snapshot, dict(self.model.named_parameters()))
+        every = torch.arange(self.num_probes)
+        with no_tf32(self.device), _composable_attention():
+            updates = self._exact_updates(snapshot, every)
+            return self.check.reference(snapshot, every, updates, every, torch.float64)
 
     def _exact(self, where: str, snapshot: Snapshot, error: Exception) -> SnapshotResult:
         """``snapshot`` as a float64 difference, where its own arithmetic raised ``error``, with a
@@ -268,7 +338,7 @@ class Engine:
             evaluated = self._evaluate(snapshot, EXACT)
             assert evaluated is not None, "without a fallback, a pass runs to its end"
             result, kept = evaluated
-            result.error_estimate = self.check.estimate(snapshot, result, kept)
+            result.error_estimate = self._estimate(snapshot, result, kept)
         result.fallback = 1
         return result
 
@@ -291,17 +361,17 @@ class Engine:
             ReplayWarning,
             stacklevel=3,
         )
-        num_probes = len(self.inputs)
 
         def nan(*shape: int) -> Tensor:
             return torch.full(shape, math.nan, dtype=self.arithmetic.exact)
 
         return SnapshotResult(
-            base_outputs=nan(num_probes, self.num_outputs),
-            probe_loss=nan(num_probes),
-            update_norm=nan(num_probes),
-            measures={m.name: nan(num_probes, num_probes) for m in self.measures},
-            amplification=nan(num_probes),
+            base_outputs=nan(self.num_probes, self.num_outputs),
+            probe_loss=nan(self.num_probes),
+            update_norm=nan(self.num_probes),
+            measures={m.name: nan(self.num_probes, self.num_probes) for m in self.measures},
+            amplification=nan(self.num_probes),
+            self_change={m.name: nan(self.num_probes) for m in self.measures},
         )
 
     def _evaluate(
@@ -347,7 +417,9 @@ class Engine:
         update_params = {k: v.to(fast) for k, v in params.items()}
         grad_params = update_params if network == fast else params
         # blocks of equal size (within one row): 16 rows at 11 a block run as 8 + 8, not 11 + 5
-        chunks = torch.arange(len(x)).tensor_split(-(-len(x) // self.rows_per_chunk(arithmetic.name)))
+        chunks = torch.arange(self.num_probes).tensor_split(
+            -(-self.num_probes // self.rows_per_chunk(arithmetic.name))
+        )
         keep = self.check.rows(arithmetic)
         run = _Pass(
             arithmetic=arithmetic,
@@ -362,13 +434,14 @@ class Engine:
             grad_x=retype(x, network),
             chunks=chunks,
             keep=keep,
-            kept=Kept.empty(update_params, exact, None),
+            kept=Kept.empty(exact, None),
             measures={m.name: [] for m in self.measures},
+            self_change={m.name: [] for m in self.measures},
         )
         if arithmetic.changes.propagates:
             self._propagate(run)
         elif len(chunks) > 1:
-            run.network_base = functional_call(self.model, (grad_params, run.grad_buffers), (run.grad_x,))
+            run.network_base = forward(self.model, run.grad_x, (grad_params, run.grad_buffers))
             run.base = run.network_base.to(exact)
         return run
 
@@ -385,23 +458,25 @@ class Engine:
     ) -> tuple[dict[str, Tensor] | None, dict[str, Tensor], Tensor]:
         """The per-sample gradients (None where they are the updates), the updates (name ->
         ``[B, *shape]``, fast dtype) and the update norms ``[B]`` (exact dtype) of the rows ``chunk``
-        ``[B]``; the base outputs too, where no other pass gives them."""
-        with_outputs = run.base is None
+        ``[B]``; the base outputs too, where no other pass gives them, and the block's outputs as
+        that pass computed them (``run.block_outputs``)."""
         fast, exact = run.arithmetic.fast, run.arithmetic.exact
         computed = per_sample_grads(
             self.model,
             self.loss,
             run.grad_params,
             run.grad_buffers,
-            run.grad_x[chunk],
+            take(run.grad_x, chunk),
             run.y[chunk],
             torch.float64,
             self.strategy,
-            with_outputs=with_outputs,
+            with_outputs=True,
             scale=self.gradient_scale or 1.0,
         )
-        if isinstance(computed, tuple):  # with_outputs
-            computed, run.network_base = computed
+        assert isinstance(computed, tuple), "with outputs"
+        computed, run.block_outputs = computed
+        if run.base is None:  # one block holds every probe
+            run.network_base = run.block_outputs
             run.base = run.network_base.to(exact)
         fast_grads = {k: g.to(fast) for k, g in computed.items()}
         del computed  # the gradients in float64: freed before the updates
@@ -409,6 +484,29 @@ class Engine:
             self.update, self.gradient_scale, run.update_params, fast_grads, snapshot
         )
         return grads, updates, update_norms(updates, exact)
+
+    def _estimate(self, snapshot: Snapshot, result: SnapshotResult, kept: Kept) -> float:
+        """The error estimate of ``result`` (:meth:`ErrorCheck.estimate`) from its ``kept`` rows."""
+        return self.check.estimate(snapshot, result, kept, functools.partial(self._exact_updates, snapshot))
+
+    def _exact_updates(self, snapshot: Snapshot, rows: Tensor) -> dict[str, Tensor]:
+        """The updates (name -> ``[R, *shape]``) of the probes ``rows`` ``[R]`` in float64 throughout,
+        gradients and update rule: what the error check holds a pass's updates against."""
+        params, buffers = snapshot_state(self.model, snapshot, self.device, torch.float64, self.frozen)
+        grads = per_sample_grads(
+            self.model,
+            self.loss,
+            params,
+            buffers,
+            cast(take(self.inputs, rows), self.device, torch.float64),
+            cast(self.targets[rows], self.device, torch.float64),
+            torch.float64,
+            self.strategy,
+            scale=self.gradient_scale or 1.0,
+        )
+        assert isinstance(grads, dict), "without outputs, the gradients alone"
+        record = record_on_device(self.config.update, snapshot, self.device, torch.float64)
+        return block_updates(self.update, self.gradient_scale, params, grads, record)[0]
 
     def _changes(self, run: _Pass) -> OutputChanges:
         """The output changes of ``run``'s arithmetic (:mod:`replay.changes`): propagated from the
@@ -423,7 +521,7 @@ class Engine:
         return self._difference(run.update_params, buffers, retype(run.x, fast), base)
 
     def _difference(
-        self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, base: Tensor | None
+        self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Inputs, base: Tensor | None
     ) -> Difference:
         """A :class:`~replay.changes.Difference` of the model with what the measures need."""
         return Difference(self.model, params, buffers, x, base, *needs(self.measures))
@@ -441,9 +539,9 @@ class Engine:
     def _measure(
         self, run: _Pass, changes: OutputChanges, chunk: Tensor, updates: dict[str, Tensor], norms: Tensor
     ) -> None:
-        """Add the measures ``[B, P]``, amplifications and update ``norms`` ``[B]`` of the rows
-        ``chunk`` ``[B]`` under their ``updates`` (output changes by ``changes``, the pass's) to
-        ``run``, and keep the check's rows."""
+        """Add the measures ``[B, P]``, self changes, amplifications and update ``norms`` ``[B]`` of
+        the rows ``chunk`` ``[B]`` under their ``updates`` (output changes by ``changes``, the
+        pass's) to ``run``, and keep the check's rows (:func:`~replay.check.sensitivity`)."""
         exact = run.arithmetic.exact
         # A probe whose update is exactly zero leaves every output exactly where it was: its
         # row of changes is zero, not the rounding noise of two forward passes.
@@ -451,17 +549,23 @@ class Engine:
         changed = {
             k: v.to(exact) * moved[:, None, None] for k, v in changes.rows(self.batching, updates).items()
         }  # [B, P, C]
-        base = run.outputs()
-        measured = evaluate(self.measures, base, changed, chunk.to(self.device), self.config.ratio_eps)
+        base, rows, eps = run.outputs(), chunk.to(self.device), self.config.ratio_eps
+        measured, selfs = evaluate_with_self(self.measures, base, changed, rows, eps)
         for name, S in measured.items():
             run.measures[name].append(S)
+            run.self_change[name].append(selfs[name])
         if needs(self.measures)[0]:
             run.amplification.append(amplification(base, changed["finite"], chunk, moved))
         else:
             run.amplification.append(torch.ones(len(chunk), dtype=exact, device=self.device))
         run.norms.append(norms)
-        if run.keep:
-            run.kept = run.kept.merge(chunk, run.amplification[-1].cpu(), updates, run.keep)
+        gradients = None  # their rounding: where the base outputs are float64, beside the network's own
+        if run.arithmetic.changes.propagates and run.block_outputs is not None:
+            gradients = gradient_rounding(self.loss, run.block_outputs, base[chunk], run.y[chunk])
+        score, columns = sensitivity(
+            self.measures, base, changed, rows, eps, measured, run.arithmetic, norms, gradients
+        )
+        run.kept = run.kept.merge(chunk, score, columns, run.keep)
 
     def _result(self, run: _Pass) -> SnapshotResult:
         """What ``run`` computed, on the CPU."""
@@ -473,6 +577,7 @@ class Engine:
             measures={k: torch.cat(v).cpu() for k, v in run.measures.items()},
             amplification=torch.cat(run.amplification).cpu(),
             arithmetic=run.arithmetic.name,
+            self_change={k: torch.cat(v).cpu() for k, v in run.self_change.items()},
         )
 
     def _check_everything(self, keep: int) -> bool:

@@ -13,10 +13,12 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad
+from torch.func import grad
 
 from recorder.losses import per_sample_loss
+from recorder.models import forward
 from recorder.rundir.errors import ReplayError
+from recorder.rundir.probes import Inputs, map_inputs
 from recorder.rundir.snapshot import Snapshot
 from replay.batching import BATCHINGS
 from replay.plan import Arithmetic
@@ -32,22 +34,23 @@ def per_sample_grads(
     loss: str,
     params: dict[str, Tensor],
     buffers: dict[str, Tensor],
-    x: Tensor,
+    x: Inputs,
     y: Tensor,
     loss_dtype: torch.dtype | None = None,
     strategy: str = "vmap",
     with_outputs: bool = False,
     scale: float = 1.0,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], Tensor]:
-    """Gradient of each sample's loss alone: x ``[B, ...]``, y ``[B]`` or ``[B, C]`` -> name ->
+    """Gradient of each sample's loss alone: x ``[B, ...]`` (or named tensors, see
+    :mod:`recorder.rundir.probes`), y ``[B]`` or ``[B, C]`` -> name ->
     ``[B, *shape]`` (in the dtype of ``params``). ``loss_dtype``: the dtype the outputs are cast
     to before the loss (default: theirs); ``strategy``: ``vmap`` over the samples or a ``loop``
     (:mod:`replay.batching`); ``with_outputs``: also return the model's outputs ``[B, C]`` (in the
     dtype of ``params``), which the pass computes anyway; ``scale``: the gradient of ``scale``
     times the loss."""
 
-    def sample_loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> tuple[Tensor, Tensor]:
-        outputs = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+    def sample_loss(p: dict[str, Tensor], xi: Inputs, yi: Tensor) -> tuple[Tensor, Tensor]:
+        outputs = forward(model, map_inputs(lambda t: t.unsqueeze(0), xi), (p, buffers))
         cast = outputs if loss_dtype is None else outputs.to(loss_dtype)
         yi = yi.to(cast.dtype) if yi.is_floating_point() else yi
         return scale * per_sample_loss(loss, cast, yi.unsqueeze(0))[0], outputs[0].detach()

@@ -4,7 +4,8 @@ Every measure is a ratio ``S[i, j] = N[i, j] / (N[i, i] + eps)`` of a numerator 
 :class:`Measure` computes from the :class:`Changes` of a block of updated probes ``i``: the base
 outputs ``f(x_j; w)`` ``[P, C]`` and the output changes ``delta`` ``[B, P, C]``, the finite change
 ``D[i, j] = f(x_j; w + U_i) - f(x_j; w)``, or for ``linear`` the Jacobian-vector product
-``J_j . U_i``.
+``J_j . U_i``. One measure, ``seed_orig``, divides by another function of the self change:
+``S[i, j] = N[i, j] / (N'[i, i] + eps)`` (:attr:`Measure.own`).
 
 Probability-space numerators are written in terms of ``delta`` instead of as differences of two
 softmaxes, so that a tiny change keeps its relative precision. With ``p = softmax(base)``,
@@ -77,12 +78,14 @@ def _phi(e: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Measure:
-    """A named numerator ``N`` ``[B, P]`` of the :class:`Changes` of a block."""
+    """A named numerator ``N`` ``[B, P]`` of the :class:`Changes` of a block; ``own`` ``[B, P]``,
+    where set, is what the ratio takes at each row's own probe instead of ``N``."""
 
     name: str
     numerator: Callable[[Changes], Tensor]
     tasks: tuple[str, ...]
     linear: bool = False  # delta is the Jacobian-vector product, not the finite change
+    own: Callable[[Changes], Tensor] | None = None
 
 
 def _l2(t: Tensor) -> Tensor:
@@ -103,6 +106,16 @@ def _probs_norm(norm: Callable[[Tensor], Tensor]) -> Callable[[Changes], Tensor]
     return lambda c: norm(c.prob_change)
 
 
+def _mean_abs_prob_change(c: Changes) -> Tensor:
+    """``mean_c |q_c - p_c|``: the seed's ``sqrt(mse_loss(q, p, reduction="none")).mean(-1)``."""
+    return c.prob_change.abs().mean(-1)
+
+
+def _rms_prob_change(c: Changes) -> Tensor:
+    """``sqrt(mean_c (q_c - p_c)^2)``: the seed's ``sqrt(mse_loss(q, p))`` (mean reduction)."""
+    return c.prob_change.square().mean(-1).sqrt()
+
+
 def _kl(c: Changes) -> Tensor:
     """``KL(p || q) = sum_c p_c (log p_c - log q_c)`` (see the module docstring)."""
     return c.kl
@@ -119,6 +132,8 @@ def _seed_kl(c: Changes) -> Tensor:
     return (torch.xlogy(c.p, c.p) - c.p * c.q).mean(-1)
 
 
+EPS_SHARE = 0.01  # eps beyond this share of a self change N'[i, i] dominates that row of S (eps_dominated)
+
 _CLS, _REG, _ALL = ("classification",), ("regression",), ("classification", "regression")
 
 MEASURES: dict[str, Measure] = {
@@ -128,6 +143,7 @@ MEASURES: dict[str, Measure] = {
         Measure("orig_logits_l1", _norm(_l1), _CLS),
         Measure("orig_probs_l2", _probs_norm(_l2), _CLS),
         Measure("orig_probs_l1", _probs_norm(_l1), _CLS),
+        Measure("seed_orig", _mean_abs_prob_change, _CLS, own=_rms_prob_change),
         Measure("kl", _kl, _CLS),
         Measure("kl_reverse", _kl_reverse, _CLS),
         Measure("seed_kl", _seed_kl, _CLS),
@@ -152,11 +168,24 @@ def resolve_measures(names: tuple[str, ...] | None, task: str) -> tuple[Measure,
     return tuple(MEASURES[n] for n in dict.fromkeys(names))
 
 
-def ratio(numerator: Tensor, rows: Tensor, eps: float) -> Tensor:
-    """``S[b, j] = N[b, j] / (N[b, rows[b]] + eps)``: N ``[B, P]``, rows ``[B]`` (probe index of
-    each updated row) -> ``[B, P]``."""
-    diagonal = numerator.gather(1, rows[:, None])
-    return numerator / (diagonal + eps)
+def ratio(numerator: Tensor, rows: Tensor, eps: float, own: Tensor | None = None) -> Tensor:
+    """``S[b, j] = N[b, j] / (N'[b, rows[b]] + eps)``: N ``[B, P]``, rows ``[B]`` (probe index of
+    each updated row), ``N'`` = ``own`` ``[B, P]`` (None: ``N``) -> ``[B, P]``."""
+    return numerator / (self_change(numerator, rows, own)[:, None] + eps)
+
+
+def self_change(numerator: Tensor, rows: Tensor, own: Tensor | None = None) -> Tensor:
+    """``N'[b, rows[b]]`` ``[B]`` (arguments as :func:`ratio`): the self change that row ``b`` of
+    ``S`` divides by, before ``eps``."""
+    return (numerator if own is None else own).gather(1, rows[:, None])[:, 0]
+
+
+def eps_dominated(self_change: Tensor, eps: float) -> Tensor:
+    """Where ``eps`` exceeds :data:`EPS_SHARE` of a (finite, nonzero) self change ``[...]``: there
+    ``S = N / (N' + eps)`` is mostly ``eps`` (a zero self change is a probe whose update is zero,
+    whose row is zero whatever ``eps``) -> bool ``[...]``."""
+    size = self_change.abs()
+    return size.isfinite() & (size > 0) & (eps > EPS_SHARE * size)
 
 
 def needs(measures: tuple[Measure, ...]) -> tuple[bool, bool]:
@@ -170,9 +199,23 @@ def evaluate(
     """name -> ``S`` ``[B, J]`` of each of ``measures`` from base outputs ``[J, C]`` and the changes
     ``changed`` (``"finite"`` and / or ``"linear"``, ``[B, J, C]``); ``rows`` ``[B]``: the column of
     each row's own probe; ``eps`` as in :func:`ratio`."""
+    return evaluate_with_self(measures, base, changed, rows, eps)[0]
+
+
+def evaluate_with_self(
+    measures: tuple[Measure, ...], base: Tensor, changed: dict[str, Tensor], rows: Tensor, eps: float
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """:func:`evaluate`, and name -> ``[B]`` the :func:`self_change` of each row (with it and ``S``,
+    ``S`` under another ``eps`` follows: ``S * (self + eps) / (self + eps')``)."""
     changes = {  # by linear: those in ``changed``, as the measures need them (:func:`needs`)
         linear: Changes(base, changed[key])
         for linear, key in ((False, "finite"), (True, "linear"))
         if key in changed
     }
-    return {m.name: ratio(m.numerator(changes[m.linear]), rows, eps) for m in measures}
+    ratios, selfs = {}, {}
+    for m in measures:
+        numerator = m.numerator(changes[m.linear])
+        own = None if m.own is None else m.own(changes[m.linear])
+        ratios[m.name] = ratio(numerator, rows, eps, own)
+        selfs[m.name] = self_change(numerator, rows, own)
+    return ratios, selfs

@@ -30,7 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from recorder.models import forward
 from recorder.rundir.errors import ReplayError
+from recorder.rundir.probes import Inputs
 from replay.batching import BATCHINGS
 from replay.changes import Difference, OutputChanges, Propagation
 
@@ -181,8 +183,9 @@ def available_memory(meminfo: str = "/proc/meminfo") -> int:
         return 4 << 30
 
 
-def activations_per_sample(model: nn.Module, x: Tensor) -> int:
-    """Values output by the leaf modules of ``model`` for one input ``x`` ``[1, ...]``."""
+def activations_per_sample(model: nn.Module, x: Inputs) -> int:
+    """Values output by the leaf modules of ``model`` for one input ``x`` ``[1, ...]`` (or named
+    tensors ``[1, ...]``)."""
     total = 0
 
     def count(module: nn.Module, args: object, out: object) -> None:
@@ -192,7 +195,7 @@ def activations_per_sample(model: nn.Module, x: Tensor) -> int:
     handles = [m.register_forward_hook(count) for m in model.modules() if not any(m.children())]
     try:
         with torch.no_grad():
-            model(x)
+            forward(model, x)
     finally:
         for h in handles:
             h.remove()

@@ -5,8 +5,8 @@ forward passes it carries the rounding of the outputs, ``eps * |f| / |D|`` relat
 1e-6 to 1e-2 under ``adam-fresh`` and more than 100% under ``sgd`` at lr 1e-4. The arithmetics of
 :mod:`replay.plan`:
 
-- ``float64``: everything in float64, ``D`` as a difference: the reference. Its error estimate is
-  the rounding model ``eps64 * median_i(max|f(x_i)| / max|D[i, i]|)``.
+- ``float64``: everything in float64, ``D`` as a difference. Its error estimate is the rounding
+  model of :mod:`replay.check` (no row is recomputed).
 - ``float32``: everything in float32 (but the loss, see :mod:`replay.grads`), ``D`` as a difference.
 - ``difference32``: ``D`` and ``J . U`` as in float32, the loss gradients and measures in float64.
 - ``mixed``: ``difference32`` with ``D`` and ``J . U`` from one float32 pass of
@@ -14,10 +14,11 @@ forward passes it carries the rounding of the outputs, ``eps * |f| / |D|`` relat
   subtracts two outputs: about 1e-7 relative error whatever the step, at up to twice the
   arithmetic of a float32 difference; its base outputs ``f(x; w)`` are those of the float64
   evaluation the propagation starts from.
-- ``auto`` (the precision, not an arithmetic): ``difference32`` while its estimated error stays
-  below :data:`AUTO_TARGET` (a tenth of the 1e-3 bar), else ``mixed`` (``float64`` for models
-  ``torch.fx`` cannot trace) for that snapshot. Once the first block's updates are known, and
-  before any change is computed, ``auto`` predicts the float32 difference's error from the
+- ``auto`` (the precision, not an arithmetic): ``difference32`` while its error estimate (a bound,
+  :mod:`replay.check`) stays below :data:`AUTO_TARGET` (a tenth of the 1e-3 bar), else ``mixed``
+  while its own stays below it, else ``float64`` (straight after ``difference32`` for models
+  ``torch.fx`` cannot trace), for that snapshot. Once the first block's updates are known, and
+  before any change is computed, ``auto`` predicts the float32 difference's estimate from the
   rounding model (:func:`predicted_error`) and, where it exceeds the target, computes the snapshot
   in ``mixed`` straight away; otherwise the checked estimate of the difference decides. So a step
   that float32 resolves costs a float32 difference, one it plainly does not (``sgd`` at small lr)
@@ -31,6 +32,7 @@ refused when its estimate exceeds the tolerance; TF32 stays off (:func:`no_tf32`
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -40,8 +42,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from recorder.losses import per_sample_loss
 from recorder.rundir.errors import ReplayError, ReplayWarning
+from replay.check import SAFETY, output_gradient
 from replay.plan import ARITHMETIC, Arithmetic, choose_arithmetic
 
 if TYPE_CHECKING:
@@ -113,10 +115,11 @@ def predicted_error(
     rounding model ``eps * max_i max|f(x_i)| / max|D[i, i]|``, with the own change estimated to
     first order, ``|D[i, i]| ~ |g_i . U_i| / ||dL_i/df||`` (the change of the probe's own loss,
     ``g_i . U_i = dL_i/df . J_i U_i``, over its output gradient; ``||U_i||^2 / c`` for updates
-    ``c g``). It comes out below the amplification the difference shows, and the checked estimate
-    above it, so a prediction above the target is a miss, not a guess (below, the checked estimate
-    still decides). It looks at :data:`PREDICT_ROWS` or so rows spread over the block (the step's
-    scale, not a row's, decides; a row missed is caught by the check)."""
+    ``c g``), times the factor :data:`~replay.check.SAFETY` of the estimate. It comes out below the
+    amplification the difference shows, and the estimate above it, so a prediction above the target
+    is a miss, not a guess (below, the checked estimate still decides). It looks at
+    :data:`PREDICT_ROWS` or so rows spread over the block (the step's scale, not a row's, decides;
+    a row missed is caught by the check)."""
     fast = next(iter(updates.values())).dtype
     rows = range(0, len(chunk), max(1, len(chunk) // PREDICT_ROWS))
     if grads is None:
@@ -131,20 +134,19 @@ def predicted_error(
             ]
         )
     chunk = chunk[list(rows)]
-    with torch.enable_grad():
-        outputs = base[chunk].detach().requires_grad_()
-        (slope,) = torch.autograd.grad(per_sample_loss(loss, outputs, y[chunk]).sum(), outputs)
+    slope = output_gradient(loss, base[chunk], y[chunk])
     amplification = base[chunk].abs().amax(-1) * slope.norm(dim=-1) / own.abs()
     amplification = amplification[amplification.isfinite()]  # a row that moves no loss: no estimate
     if not len(amplification):
         return 0.0
-    return torch.finfo(fast).eps * amplification.max().item()
+    return SAFETY * torch.finfo(fast).eps * amplification.max().item()
 
 
 @dataclass(frozen=True)
 class Rung:
     """One arithmetic of the ladder and the largest error estimate at which its result is kept
-    (the last rung's is kept whatever its estimate, and judged by :meth:`Precision.judge`)."""
+    (on the last rung the result of smallest estimate of the ladder is kept, whatever it is, and
+    judged by :meth:`Precision.judge` against the tolerance)."""
 
     arithmetic: Arithmetic
     target: float
@@ -159,18 +161,20 @@ def predictable(arithmetic: Arithmetic, fallback: Arithmetic) -> bool:
 
 
 class Precision:
-    """The ladder of a configured ``precision`` (``auto``: ``difference32`` to :data:`AUTO_TARGET`,
-    its fallback, then ``float64`` where that fallback misses the ``tolerance``; any other: its own
-    arithmetic alone) and the loop that climbs it for one snapshot."""
+    """The ladder of a configured ``precision`` (``auto``: ``difference32``, then its fallback, each
+    kept where its estimate is within :data:`AUTO_TARGET`, then ``float64``, judged by the
+    ``tolerance``; any other: its own arithmetic alone) and the loop that climbs it for one
+    snapshot."""
 
     def __init__(self, precision: str, traceable: bool, tolerance: float):
         self.tolerance = tolerance
         self.first, self.fallback = choose_arithmetic(precision, traceable)
         if self.fallback is None:
             rungs = [Rung(self.first, tolerance)]
+        elif self.fallback == EXACT:
+            rungs = [Rung(self.first, AUTO_TARGET), Rung(EXACT, tolerance)]
         else:
-            rungs = [Rung(self.first, AUTO_TARGET), Rung(self.fallback, tolerance)]
-            rungs += [Rung(EXACT, tolerance)] if self.fallback != EXACT else []
+            rungs = [Rung(self.first, AUTO_TARGET), Rung(self.fallback, AUTO_TARGET), Rung(EXACT, tolerance)]
         self.rungs = tuple(rungs)
 
     def settle(
@@ -178,12 +182,15 @@ class Precision:
         evaluate: Callable[[Arithmetic, Arithmetic | None], tuple[SnapshotResult, Kept] | None],
         check: Callable[[SnapshotResult, Kept], float],
     ) -> SnapshotResult:
-        """The result of the first rung whose checked estimate meets its target (else the last's).
+        """The result of the first rung but the last whose checked estimate meets its target, else
+        the one of smallest estimate of all computed (float64 differences outputs too: at steps
+        tiny against the outputs, of probes that training fits, a propagation can be the more
+        exact).
 
         ``evaluate(arithmetic, fallback)`` computes every row in ``arithmetic`` (or in ``fallback``,
         when given, where the first block predicts that ``arithmetic`` misses its target; None when
         it must start afresh there); ``check(result, kept)`` gives its error estimate."""
-        step = 0
+        step, computed = 0, []
         while True:
             evaluated = evaluate(self.rungs[step].arithmetic, self._decidable(step))
             if evaluated is None:  # predicted to miss, and the fallback runs other blocks
@@ -192,7 +199,10 @@ class Precision:
             result, kept = evaluated
             step = [r.arithmetic.name for r in self.rungs].index(result.arithmetic)
             result.error_estimate = check(result, kept)
-            if step + 1 == len(self.rungs) or result.error_estimate <= self.rungs[step].target:
+            computed.append(result)
+            if step + 1 == len(self.rungs):  # the first of the smallest estimate (NaN: none)
+                return min(computed, key=lambda r: (not r.error_estimate <= math.inf, r.error_estimate))
+            if result.error_estimate <= self.rungs[step].target:
                 return result
             step += 1
 
@@ -206,9 +216,11 @@ class Precision:
 
     def judge(self, where: str, result: SnapshotResult) -> None:
         """Refuse a result that an arithmetic other than float64 cannot resolve within the
-        tolerance (:class:`ReplayError`); warn of a float64 result that misses it."""
+        tolerance, where the ladder holds no float64 (:class:`ReplayError`); warn of a result of
+        the ladder's best that misses it."""
         estimate, tolerance = result.error_estimate, self.tolerance
-        if result.arithmetic != EXACT.name and not estimate <= tolerance:
+        exact_tried = any(r.arithmetic == EXACT for r in self.rungs)
+        if not exact_tried and not estimate <= tolerance:
             change = 1 / result.amplification.nanmedian().item()
             raise ReplayError(
                 f"{where}: {result.arithmetic} cannot resolve the output changes (they are about "
@@ -218,8 +230,8 @@ class Precision:
             )
         if not estimate <= tolerance:
             warnings.warn(
-                f"{where}: estimated relative error {estimate:.2g} exceeds {tolerance:g} even in "
-                "float64 (the updates barely change the outputs)",
+                f"{where}: estimated relative error {estimate:.2g} exceeds {tolerance:g} even in the "
+                f"best arithmetic tried, {result.arithmetic} (the updates barely change the outputs)",
                 ReplayWarning,
                 stacklevel=3,
             )

@@ -15,24 +15,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recorder.losses import batch_loss
+from recorder.models import forward
+from recorder.rundir.probes import Inputs, num_probes, take
 
 
 def stepped_copies(
     model: nn.Module,
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
     loss: str,
-    x: Tensor,
+    x: Inputs,
     y: Tensor,
 ) -> Iterator[nn.Module]:
-    """For each probe ``i`` of x ``[P, ...]``, y ``[P]`` / ``[P, C]``: a deep copy of ``model`` after
+    """For each probe ``i`` of x ``[P, ...]`` (or named tensors), y ``[P]`` / ``[P, C]``: a deep copy of ``model`` after
     one step of ``make_optimizer(copy)`` on probe ``i`` alone (the optimizer may load a state).
     An update rule's own optimizer is ``RULES[config.rule].reference(config, record)``
     (:class:`replay.updates.Rule`)."""
-    for i in range(len(x)):
+    for i in range(num_probes(x)):
         clone = copy.deepcopy(model)
         optimizer = make_optimizer(clone)
         optimizer.zero_grad()
-        batch_loss(loss, clone(x[i : i + 1]), y[i : i + 1]).backward()
+        batch_loss(loss, forward(clone, take(x, slice(i, i + 1))), y[i : i + 1]).backward()
         optimizer.step()
         yield clone
 
@@ -41,23 +43,24 @@ def plain_changes(
     model: nn.Module,
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
     loss: str,
-    x: Tensor,
+    x: Inputs,
     y: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Base outputs ``f(x_j; w)`` ``[P, C]`` and new outputs ``f(x_j; w_i+)`` ``[P, P, C]`` (row ``i``:
     the copy stepped on probe ``i``, see :func:`stepped_copies`)."""
     with torch.no_grad():
-        base = model(x)
+        base = forward(model, x)
     rows = []
     for clone in stepped_copies(model, make_optimizer, loss, x, y):
         with torch.no_grad():
-            rows.append(clone(x))
+            rows.append(forward(clone, x))
     return base, torch.stack(rows)
 
 
 def plain_measures(base: Tensor, new: Tensor, eps: float = 1e-8) -> dict[str, Tensor]:
     """Every classification measure by its textbook formula from base ``[P, C]`` and new outputs
-    ``[P, P, C]``: name -> ``S`` ``[P, P]``, ``S[i, j] = N[i, j] / (N[i, i] + eps)``."""
+    ``[P, P, C]``: name -> ``S`` ``[P, P]``, ``S[i, j] = N[i, j] / (N[i, i] + eps)``, and
+    ``seed_orig`` as the paper's notebooks compute it."""
     p, q = base.softmax(-1).expand_as(new), new.softmax(-1)
     log_p, log_q = base.log_softmax(-1).expand_as(new), new.log_softmax(-1)
     numerators = {
@@ -70,4 +73,10 @@ def plain_measures(base: Tensor, new: Tensor, eps: float = 1e-8) -> dict[str, Te
         # the paper's call, kl_div(softmax(new), softmax(old)) with its default mean reduction, per pair
         "seed_kl": F.kl_div(q, p, reduction="none").mean(-1),
     }
-    return {name: N / (N.diagonal()[:, None] + eps) for name, N in numerators.items()}
+    ratios = {name: N / (N.diagonal()[:, None] + eps) for name, N in numerators.items()}
+    # the notebooks' orig: sqrt of the elementwise squared error averaged over classes, over the
+    # square root of the mean squared error at the updated probe itself, plus eps
+    numerator = torch.sqrt(F.mse_loss(q, p, reduction="none")).mean(-1)
+    denominator = torch.stack([torch.sqrt(F.mse_loss(q[i, i], p[i, i])) + eps for i in range(len(q))])
+    ratios["seed_orig"] = numerator / denominator[:, None]
+    return ratios

@@ -10,7 +10,7 @@ steps that all ranks finish (and agree on: one rank's failure stops all) before 
    are done;
 3. each rank replays its share of the snapshots not done, writing whole chunks of its own
    snapshots only, each snapshot's ``done`` flag last;
-4. rank 0 prints the summary.
+4. rank 0 prints the one-line summary, with a progress bar or without.
 
 A result depends only on its snapshot and on the blocks of the memory budget, which every rank
 takes from the smallest of the ranks' budgets, and cuDNN runs deterministic algorithms during the
@@ -37,12 +37,13 @@ from tqdm import tqdm
 
 from recorder.models import check_fits_before_building, check_state_matches, probe_outputs, rebuild_model
 from recorder.rundir.errors import CorruptSnapshotError, ReplayWarning, RunDirError
+from recorder.rundir.probes import Inputs, input_tensors, num_probes
 from recorder.rundir.run import RunDir
 from recorder.rundir.snapshot import Snapshot, SnapshotEntry
 from replay.config import ReplayConfig
 from replay.distributed import Ranks, join
 from replay.engine import Engine
-from replay.plan import check_plan_fits
+from replay.plan import ARITHMETIC, check_plan_fits
 from replay.precision import deterministic_cudnn
 from replay.store import ReplayStore, exclusive_writer
 from replay.updates import RULES
@@ -57,8 +58,8 @@ def replay(
 
     Snapshots are read one at a time. A store written before with the same configuration is
     resumed (done snapshots are skipped, new manifest entries appended). Under torchrun the
-    ranks share the snapshots. With ``progress``, a progress bar and a one-line summary are
-    printed (by rank 0). A snapshot file that is missing, truncated or corrupted stops the
+    ranks share the snapshots. Rank 0 prints a progress bar (with ``progress``) and a one-line
+    summary. A snapshot file that is missing, truncated or corrupted stops the
     replay, or with ``skip_corrupt`` is skipped with a warning (its ``done`` flag stays false).
     Returns the store's path.
 
@@ -79,6 +80,8 @@ def replay(
 def _replay(run_dir: Path, config: ReplayConfig, ranks: Ranks, progress: bool, skip_corrupt: bool) -> Path:
     start = time.perf_counter()
     run, inputs, targets, model = _agreed(ranks, lambda: _check_run(RunDir(run_dir), config, skip_corrupt))
+    if ranks.main:
+        run.warn_if_unfinished()
     engine = _agreed(ranks, lambda: _engine(run, inputs, targets, config))
     # A recorder may still be appending to the manifest: every rank takes the same prefix. Every
     # rank plans the same blocks, those of the smallest memory budget (a default one follows each
@@ -100,7 +103,7 @@ def _replay(run_dir: Path, config: ReplayConfig, ranks: Ranks, progress: bool, s
         label = f"replay {config.store_name}" + (
             f" (rank 0 of {ranks.world_size})" if ranks.world_size > 1 else ""
         )
-        errors, skipped_here = _agreed(
+        errors, arithmetics, skipped_here = _agreed(
             ranks,
             lambda: _replay_share(
                 run,
@@ -117,25 +120,37 @@ def _replay(run_dir: Path, config: ReplayConfig, ranks: Ranks, progress: bool, s
         worst = max((e for e in errors if not math.isnan(e)), default=-math.inf)
         replayed, skipped = ranks.reduce([len(errors), skipped_here], "sum")
         (worst,) = ranks.reduce([worst], "max")
-        if progress and ranks.main:
+        used = ranks.reduce([arithmetics.count(a) for a in ARITHMETIC], "sum")
+        if ranks.main:
             done = store.read_done()
+            counts = {a: int(n) for a, n in zip(ARITHMETIC, used, strict=True) if n}
             print(
                 f"replayed {int(replayed)} snapshots ({len(entries) - len(todo)} already done"
                 f"{f', {int(skipped)} skipped as corrupt' if skipped else ''}) in {time.perf_counter() - start:.1f}s"
-                f"{f' on {ranks.world_size} ranks' if ranks.world_size > 1 else ''}, {config.precision}, largest "
-                f"estimated error {worst if worst > -math.inf else math.nan:.1g}, {int(np.sum(done))}/{len(done)} "
-                f"done -> {path}"
+                f"{f' on {ranks.world_size} ranks' if ranks.world_size > 1 else ''}, "
+                f"{_arithmetic_used(config.precision, counts, worst)}, {int(np.sum(done))}/{len(done)} done -> {path}"
             )
     return path
 
 
-def _engine(run: RunDir, inputs: torch.Tensor, targets: torch.Tensor, config: ReplayConfig) -> Engine:
+def _arithmetic_used(precision: str, counts: dict[str, int], worst: float) -> str:
+    """The summary's words on the arithmetic: the precision, the arithmetic of the snapshots
+    replayed (``counts``: arithmetic -> snapshots) where it is not the precision's own, and their
+    largest error estimate ``worst`` (``-inf``: none replayed; float64 has none)."""
+    words = f"precision {precision}"
+    if set(counts) - {precision}:
+        words += " (" + ", ".join(f"{arithmetic} for {n}" for arithmetic, n in counts.items()) + ")"
+    estimate = f"largest estimated error {worst:.1g}" if worst > -math.inf else "no error estimate"
+    return f"{words}, {estimate}"
+
+
+def _engine(run: RunDir, inputs: Inputs, targets: torch.Tensor, config: ReplayConfig) -> Engine:
     """The replay's engine, once the whole plan is known to fit its memory budget
     (:func:`~replay.plan.check_plan_fits`)."""
     engine = Engine(run.spec, inputs, targets, config)
-    values_per_probe = inputs[:1].numel() + targets[:1].numel()
+    values_per_probe = sum(t[:1].numel() for t in (*input_tensors(inputs), targets))
     check_plan_fits(
-        len(inputs), len(engine.measure_names), values_per_probe, engine.facts.num_params, engine.budget
+        num_probes(inputs), len(engine.measure_names), values_per_probe, engine.facts.num_params, engine.budget
     )
     return engine
 
@@ -162,10 +177,11 @@ def _replay_share(
     store: ReplayStore,
     skip_corrupt: bool,
     label: str | None,
-) -> tuple[list[float], int]:
+) -> tuple[list[float], list[str], int]:
     """Replay and store the snapshots ``share`` (indices into ``entries``) with a progress bar
-    ``label`` (None: none). Returns their error estimates and how many were skipped as corrupt."""
-    errors, skipped = [], 0
+    ``label`` (None: none). Returns their error estimates and arithmetics, and how many were
+    skipped as corrupt."""
+    errors, arithmetics, skipped = [], [], 0
     for s in tqdm(share, desc=label, unit="snapshot", disable=label is None):
         try:
             snapshot = _load(run, entries[s], model, config)
@@ -178,12 +194,13 @@ def _replay_share(
         result = engine.replay_snapshot(snapshot)
         store.write(s, result)
         errors.append(result.error_estimate)
-    return errors, skipped
+        arithmetics.append(result.arithmetic)
+    return errors, arithmetics, skipped
 
 
 def _check_run(
     run: RunDir, config: ReplayConfig, skip_corrupt: bool
-) -> tuple[RunDir, torch.Tensor, torch.Tensor, nn.Module]:
+) -> tuple[RunDir, Inputs, torch.Tensor, nn.Module]:
     """``run``, its probe inputs and targets, and its model (on the CPU, for checking snapshots),
     after checking that they fit each other and the first readable snapshot. Reads, never writes."""
     if not run.manifest:

@@ -17,22 +17,24 @@ from torch import Tensor, nn
 
 from recorder.models import COMPILE_PREFIX
 from recorder.rundir.errors import RunDirError
+from recorder.rundir.probes import InputsT, map_inputs
 from recorder.rundir.snapshot import OptimizerRecord, Snapshot
 
 
-def cast(t: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A fresh copy of ``t`` on ``device``, floating point values in ``dtype``.
+def cast(t: InputsT, device: torch.device, dtype: torch.dtype) -> InputsT:
+    """A fresh copy of ``t`` (a tensor, or named probe inputs) on ``device``, floating point values
+    in ``dtype``.
 
     Always a copy: tensors read from a file may sit at any address, and CPU kernels round
     differently with the alignment of their data, which would make replays irreproducible.
     """
-    return t.to(device, dtype if t.is_floating_point() else t.dtype, copy=True)
+    return map_inputs(lambda x: x.to(device, dtype if x.is_floating_point() else x.dtype, copy=True), t)
 
 
-def retype(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` in ``dtype`` if it holds floating point values; integer and boolean tensors (token
-    ids, counters, masks) as they are."""
-    return t.to(dtype) if t.is_floating_point() else t
+def retype(t: InputsT, dtype: torch.dtype) -> InputsT:
+    """``t`` (a tensor, or named probe inputs) in ``dtype`` where it holds floating point values;
+    integer and boolean tensors (token ids, counters, masks) as they are."""
+    return map_inputs(lambda x: x.to(dtype) if x.is_floating_point() else x, t)
 
 
 def retyped(tensors: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:

@@ -11,14 +11,26 @@ measure. Arrays (name: shape, dimension names):
   ``[S, P]`` (snapshot, probe); ``error_estimate``: ``[S]`` (snapshot); ``fallback``: ``[S]``
   int8 (snapshot), 0 or ``1 +`` the index of the note in the attribute ``fallback_notes`` why the
   snapshot was computed otherwise than its precision says (:data:`replay.engine.FALLBACK_NOTES`);
+- ``arithmetic``: ``[S]`` int8 (snapshot), ``1 +`` the index in the attribute ``arithmetics``
+  of the arithmetic that computed the snapshot (``auto``: the one it settled on), 0 for a snapshot
+  written before this array existed;
+- ``self_change/<m>``: ``[S, P]`` (snapshot, updated), what each row of ``measures/<m>`` divides
+  by before ``ratio_eps`` (:func:`replay.measures.self_change`): ``S`` under another ``eps``
+  follows from it;
+- ``recorded_lr``: ``[S]`` float64 (snapshot), a rule that replays the recorded optimizer only
+  (``recorded``): the learning rate of its first parameter group at each snapshot, as the run's
+  manifest lists it (NaN where it does not);
 - ``measures/<m>``: ``[S, P, P]`` (snapshot, updated, observed);
 - ``classpairs/<m>/<stat>``: ``[S, K, K]`` (snapshot, observed_class, updated_class), one per stat
   of :data:`~replay.classpairs.STATS`, classification only.
 
 Attributes: ``config``, ``run_spec``, ``dtype``, ``precision``, ``measures``, ``classes`` (the
 ``K`` class labels, null for regression), ``include_self``, ``evaluation_mode`` (``eval``: running
-statistics of normalization layers, no dropout) and ``fallback_notes``. Floating point arrays are of
-``dtype`` (the configuration's storage dtype) and filled with NaN, the others with zeros.
+statistics of normalization layers, no dropout), ``fallback_notes``, ``arithmetics`` (the
+arithmetics ``arithmetic`` indexes) and, with ``recorded_lr``, ``recorded_optimizer`` (the recorded
+optimizer's class). ``config`` holds the update settings its
+rule uses only. Floating point arrays are of ``dtype`` (the configuration's storage dtype; float64
+for ``recorded_lr``) and filled with NaN, the others with zeros.
 
 Arrays ``[S, ...]`` are chunked one snapshot per chunk (``done`` included: a ``[S]`` array of
 chunks of 1), checked whenever a store is opened for writing: writing one snapshot touches only
@@ -33,6 +45,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,14 +55,16 @@ import numpy as np
 import torch
 import zarr
 
-from recorder.rundir.errors import ReplayError, ResultsError
+from recorder.rundir.errors import ReplayError, ReplayWarning, ResultsError
 from recorder.rundir.files import temp_sibling
 from recorder.rundir.snapshot import SnapshotEntry
 from recorder.rundir.spec import RunSpec
 from replay.classpairs import STATS, aggregate
 from replay.config import ReplayConfig
-from replay.crashsafe import exclusive_writer, flush_to_disk, read_chunkwise, remove_orphans
+from replay.crashsafe import damaged_rows, exclusive_writer, flush_to_disk, read_chunkwise, remove_orphans
 from replay.engine import EVALUATION_MODE, FALLBACK_NOTES, SnapshotResult
+from replay.plan import ARITHMETIC
+from replay.updates import RULES
 
 __all__ = ["ReplayStore", "StoredArray", "StoredReplay", "exclusive_writer", "open_store", "store_paths"]
 
@@ -86,18 +101,27 @@ def _measure_key(m: str) -> str:
     return f"measures/{m}"
 
 
+def _self_change_key(m: str) -> str:
+    return f"self_change/{m}"
+
+
 def _classpair_key(m: str, stat: str) -> str:
     return f"classpairs/{m}/{stat}"
 
 
 def _layout(
-    targets: np.ndarray, num_outputs: int, num_classes: int, measures: Sequence[str], dtype: Any
+    targets: np.ndarray,
+    num_outputs: int,
+    num_classes: int,
+    measures: Sequence[str],
+    dtype: Any,
+    recorded: bool = False,
 ) -> dict[str, _ArraySpec]:
     """Array name -> :class:`_ArraySpec`: every array of a store (the module docstring's list).
 
     ``targets`` ``[P]`` / ``[P, C]``: the probe targets; no class pairs when ``num_classes`` is 0.
     ``dtype``: the storage dtype name (:func:`_read` passes the attribute as stored: it checks
-    only shapes).
+    only shapes). ``recorded``: the rule replays the recorded optimizer (``recorded_lr``).
     """
     num_probes = len(targets)
     layout = {
@@ -112,10 +136,16 @@ def _layout(
         "update_norm": _ArraySpec((num_probes,), dtype, ("snapshot", "probe")),
         "error_estimate": _ArraySpec((), dtype, ("snapshot",)),
         "fallback": _ArraySpec((), np.int8, ("snapshot",), added_later=True),
+        "arithmetic": _ArraySpec((), np.int8, ("snapshot",), added_later=True),
     }
+    if recorded:
+        layout["recorded_lr"] = _ArraySpec((), np.float64, ("snapshot",), added_later=True)
     for m in measures:
         layout[_measure_key(m)] = _ArraySpec(
             (num_probes, num_probes), dtype, ("snapshot", "updated", "observed")
+        )
+        layout[_self_change_key(m)] = _ArraySpec(
+            (num_probes,), dtype, ("snapshot", "updated"), added_later=True
         )
         if num_classes:
             for stat in STATS:
@@ -148,6 +178,7 @@ class _Plan:
         targets_np = targets.numpy()
         classification = spec.task == "classification"
         classes = sorted(int(c) for c in np.unique(targets_np)) if classification else None
+        recorded = RULES[config.update.rule].needs_state
         attrs = {
             "config": config.to_json(),
             "run_spec": spec.to_json(),
@@ -158,9 +189,11 @@ class _Plan:
             "include_self": config.include_self,
             "evaluation_mode": EVALUATION_MODE,
             "fallback_notes": list(FALLBACK_NOTES),
+            "arithmetics": list(ARITHMETIC),
+            **({"recorded_optimizer": spec.optimizer} if recorded else {}),
         }
         num_classes = len(classes or ())
-        layout = _layout(targets_np, spec.num_outputs, num_classes, measures, config.storage_dtype)
+        layout = _layout(targets_np, spec.num_outputs, num_classes, measures, config.storage_dtype, recorded)
         labels = _class_labels(targets_np, classes) if classes is not None else None  # classification
         return cls(attrs, layout, targets_np, labels, num_classes)
 
@@ -175,7 +208,10 @@ class ReplayStore:
     def __init__(self, path: Path, group: zarr.Group, plan: _Plan, include_self: bool):
         self.path = path
         self._group = group
-        self._arrays = {name: _array(group, name) for name in plan.layout}
+        # Every chunk is written, of fill values too: a done snapshot's missing chunk is damage.
+        self._arrays = {
+            name: _array(group, name).with_config({"write_empty_chunks": True}) for name in plan.layout
+        }
         self._plan = plan
         self._include_self = include_self
         self.done = _done_flags(group)  # [S]
@@ -208,6 +244,8 @@ class ReplayStore:
             if not path.exists():
                 _create(path, plan, len(entries))
             group = _open_existing(path, plan, config, len(entries))
+            _add_missing_attributes(group, plan.attrs)
+            _unmark_damaged(path, group, plan.layout)
             _extend(group, plan.layout, entries)
             flush_to_disk(path)
         except OSError as e:
@@ -246,8 +284,11 @@ class ReplayStore:
             a["update_norm"][s] = result.update_norm.numpy()
             a["error_estimate"][s] = result.error_estimate
             a["fallback"][s] = result.fallback
+            a["arithmetic"][s] = 1 + list(ARITHMETIC).index(result.arithmetic) if result.arithmetic else 0
             for name, S in result.measures.items():
                 a[_measure_key(name)][s] = S.numpy()
+            for name, own in result.self_change.items():
+                a[_self_change_key(name)][s] = own.numpy()
             if plan.labels is not None:
                 stacked = np.stack([S.numpy() for S in result.measures.values()])  # [M, P, P]
                 for stat in STATS:
@@ -293,11 +334,15 @@ class StoredReplay:
         config, run_spec, dtype, include_self: the store attributes of these names.
         measure_names: the attribute ``measures``, in store order.
         done, steps, epochs, error_estimate: ``[S]`` arrays of these names.
+        arithmetic: ``[S]`` the name of the arithmetic that computed each snapshot (``""`` where
+            the store does not say: written before it did).
         targets: ``probe_targets``, ``[P]`` classes or ``[P]`` / ``[P, C]`` regression targets.
         labels: ``[P]`` class index in ``0 .. K-1`` of each probe; None for regression.
         classes: the ``K`` class labels; None for regression.
         measures: measure name -> ``[S, P, P]``.
         classpairs: measure name -> stat -> ``[S, K, K]``; empty for regression.
+        self_change: measure name -> ``[S, P]`` (NaN where the store does not say); empty for a
+            store written before these arrays existed.
     """
 
     name: str
@@ -316,6 +361,8 @@ class StoredReplay:
     classes: list | None
     measures: dict[str, StoredArray]
     classpairs: dict[str, dict[str, StoredArray]]
+    arithmetic: np.ndarray
+    self_change: dict[str, StoredArray]
 
 
 def store_paths(run_dir: str | Path) -> list[Path]:
@@ -361,7 +408,12 @@ def _read(path: Path) -> StoredReplay:
     done = group["done"]
     num_stored = done.shape[0] if isinstance(done, zarr.Array) and done.ndim else 0
     layout = _layout(
-        targets, attrs["run_spec"]["num_outputs"], len(classes or ()), measures, attrs.get("dtype")
+        targets,
+        attrs["run_spec"]["num_outputs"],
+        len(classes or ()),
+        measures,
+        attrs.get("dtype"),
+        _replays_recorded(attrs.get("config")),
     )
     arrays: dict[str, zarr.Array] = {}  # the layout's arrays, checked
     for name, spec in layout.items():
@@ -394,7 +446,31 @@ def _read(path: Path) -> StoredReplay:
             m: {stat: StoredArray(arrays[_classpair_key(m, stat)]) for stat in STATS}
             for m in (measures if classes else ())
         },
+        arithmetic=_arithmetic_names(path, arrays.get("arithmetic"), attrs.get("arithmetics"), num_stored),
+        self_change={
+            m: StoredArray(arrays[_self_change_key(m)]) for m in measures if _self_change_key(m) in arrays
+        },
     )
+
+
+def _arithmetic_names(path: Path, codes: zarr.Array | None, names: Any, num_stored: int) -> np.ndarray:
+    """``[S]`` the arithmetic of each snapshot from the array ``arithmetic`` (``1 +`` an index into
+    the attribute ``arithmetics``; 0 or no array: ``""``)."""
+    if codes is None:
+        return np.full(num_stored, "", dtype=object)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ResultsError(f"{path}: attribute 'arithmetics' must be a list of arithmetic names")
+    stored = np.asarray(codes[:], dtype=np.int64)
+    if ((stored < 0) | (stored > len(names))).any():
+        raise ResultsError(f"{path}: 'arithmetic' holds codes beyond the attribute 'arithmetics'")
+    return np.array([""] + names, dtype=object)[stored]
+
+
+def _replays_recorded(config: Any) -> bool:
+    """Whether the store configuration ``config`` (JSON as stored) names a rule that replays the
+    recorded optimizer."""
+    rule = RULES.get(config.get("update", {}).get("rule")) if isinstance(config, dict) else None
+    return rule is not None and rule.needs_state
 
 
 def _class_axis(path: Path, targets: np.ndarray, classes: Any) -> tuple[np.ndarray | None, list | None]:
@@ -508,6 +584,41 @@ def _done_flags(group: zarr.Group) -> np.ndarray:
     return done.astype(bool) & done_ok & step_ok[: len(done)]
 
 
+def _add_missing_attributes(group: zarr.Group, attrs: dict[str, Any]) -> None:
+    """Give a store written before some of the attributes ``attrs`` existed the ones it lacks (as
+    :func:`_open_existing` gives it the arrays added later); the attributes it has stay."""
+    missing = {k: v for k, v in attrs.items() if k not in group.attrs}
+    if missing:
+        group.attrs.update(missing)
+
+
+def _unmark_damaged(path: Path, group: zarr.Group, layout: dict[str, _ArraySpec]) -> None:
+    """Mark not done, with a warning naming them, the done snapshots with a chunk that cannot be
+    decoded or a missing measure chunk (:func:`~replay.crashsafe.damaged_rows`): damage from
+    outside, which analyses would read as NaN or fail on. They are then recomputed."""
+    done = np.flatnonzero(_done_flags(group))
+    damaged: dict[int, list[str]] = {}
+    for name, spec in layout.items():
+        if spec.per_snapshot and name != "done" and len(done):
+            root = path if name.startswith(_measure_key("")) else None
+            for s in damaged_rows(_array(group, name), done, root):
+                damaged.setdefault(s, []).append(name)
+    if not damaged:
+        return
+    rows = sorted(damaged)
+    for s in rows:
+        _array(group, "done")[s] = False
+    steps = read_chunkwise(_array(group, "step"))[0]
+    names = sorted({n for found in damaged.values() for n in found})
+    warnings.warn(
+        f"{path}: snapshot steps {[int(steps[s]) for s in rows]} were done but their chunks of "
+        f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''} are missing or damaged; "
+        "recomputing them",
+        ReplayWarning,
+        stacklevel=2,
+    )
+
+
 def _extend(group: zarr.Group, layout: dict[str, _ArraySpec], entries: list[SnapshotEntry]) -> None:
     """Grow the per-snapshot arrays to the manifest and (re)write steps and epochs of the
     snapshots not done (idempotent, so a crash in here is harmless)."""
@@ -526,3 +637,6 @@ def _extend(group: zarr.Group, layout: dict[str, _ArraySpec], entries: list[Snap
     if len(todo):
         _array(group, "step")[todo[0] :] = steps[todo[0] :]
         _array(group, "epoch")[todo[0] :] = np.array([e.epoch for e in entries[todo[0] :]], dtype=np.int64)
+        if "recorded_lr" in layout:
+            lrs = [np.nan if e.lr is None else e.lr for e in entries[todo[0] :]]
+            _array(group, "recorded_lr")[todo[0] :] = np.array(lrs, dtype=np.float64)

@@ -25,6 +25,7 @@ replay's checks all read it, so a new rule is one more :func:`register` call in 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -203,6 +204,16 @@ _ADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}  # a parameter's Adam state, whe
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")  # shaped like the parameter
 _NUMBERS = ("lr", "eps", "weight_decay", "momentum", "dampening")  # group hyperparameters
 _FLAGS = ("amsgrad", "nesterov", "maximize", "decoupled_weight_decay")
+# The ranges [low, high) of the group hyperparameters that torch.optim's constructors accept (each
+# beta alone), as messages say them; the others: any finite number.
+_RANGES = {
+    "lr": (0.0, math.inf, "a finite number of at least 0"),
+    "eps": (0.0, math.inf, "a finite number of at least 0"),
+    "weight_decay": (0.0, math.inf, "a finite number of at least 0"),
+    "momentum": (0.0, math.inf, "a finite number of at least 0"),
+    "betas": (0.0, 1.0, "two numbers in [0, 1)"),
+}
+_ANY_FINITE = (-math.inf, math.inf, "a finite number")
 
 
 _ALTERNATIVES = "use --update adam-fresh or --update sgd instead"  # to the recorded rule
@@ -212,7 +223,9 @@ def check_record(record: OptimizerRecord | None, params: dict[str, Tensor], wher
     """Raise unless ``record`` can drive the ``recorded`` rule on weights ``params`` (name ->
     ``[*shape]``): :class:`ReplayError` for no record, an unsupported optimizer, a group without
     its hyperparameters or an incomplete Adam state; :class:`RunDirError` for hyperparameters of
-    the wrong types or state tensors not shaped like their parameters."""
+    the wrong types, not finite or outside the ranges ``torch.optim`` accepts (:data:`_RANGES`),
+    state tensors not shaped like their parameters, or an Adam ``step`` that is not one finite
+    count."""
     _checked_record(record, params, where)
 
 
@@ -235,7 +248,7 @@ def _checked_record(record: OptimizerRecord | None, params: dict[str, Tensor], w
             f"{where}: optimizer {record.type!r} is not supported by --update recorded "
             f"(supported: {supported}); {_ALTERNATIVES}"
         )
-    for group in record.groups:
+    for index, group in enumerate(record.groups):
         missing = [k for k in _OPTIMIZERS[record.type][1] if k not in group]
         if missing:
             raise ReplayError(f"{where}: {record.type} parameter group lacks hyperparameters {missing}")
@@ -250,6 +263,11 @@ def _checked_record(record: OptimizerRecord | None, params: dict[str, Tensor], w
             raise RunDirError(
                 f"{where}: malformed optimizer hyperparameters { ({k: group[k] for k in group if k != 'params'}) }"
             )
+        problem = _out_of_range(group)
+        if problem:
+            raise RunDirError(
+                f"{where}: optimizer parameter group {index}: {problem} (the range torch.optim.{record.type} accepts)"
+            )
     group_of = {name: group for group in record.groups for name in group["params"]}
     for name, state in record.state.items():
         for key in _STATE_KEYS:
@@ -262,7 +280,36 @@ def _checked_record(record: OptimizerRecord | None, params: dict[str, Tensor], w
             required = _ADAM_STATE | ({"max_exp_avg_sq"} if group_of[name]["amsgrad"] else set())
             if not required <= state.keys():
                 raise ReplayError(f"{where}: Adam state of {name!r} lacks {sorted(required - state.keys())}")
+            step = state["step"]
+            if step.numel() != 1 or not bool(torch.isfinite(step).all()) or float(step) < 0:
+                shown = step.flatten()[:4].tolist() + (["..."] if step.numel() > 4 else [])
+                raise RunDirError(
+                    f"{where}: optimizer state 'step' of {name!r} is {shown} (shape {tuple(step.shape)}), "
+                    "must be one finite count of at least 0"
+                )
     return record
+
+
+def _out_of_range(group: dict[str, Any]) -> str | None:
+    """Which hyperparameter of one parameter group (their types checked) is outside the range
+    that ``torch.optim``'s constructors accept (:data:`_RANGES`), or not finite, and what it must
+    be; None when all are in range. (A beta of 1 would divide by zero in the bias correction; a
+    NaN or infinite value would make every measure NaN.)"""
+    for key in (*_NUMBERS, "betas"):
+        if key in group:
+            low, high, allowed = _RANGES.get(key, _ANY_FINITE)
+            values = group[key] if key == "betas" else [group[key]]
+            if not all(_finite(v) and low <= v < high for v in values):
+                return f"{key!r} is {group[key]!r}, must be {allowed}"
+    return None
+
+
+def _finite(value: float) -> bool:
+    """Whether the JSON number ``value`` is finite as a float (a huge integer is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _hyperparameters(record_type: str, group: dict[str, Any]) -> dict[str, Any]:

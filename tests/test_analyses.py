@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from html import escape
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import zarr
 from analyses.curves import measure_curves
 from analyses.report import analyze, format_table
 from analyses.results import load_results
+from cli import main
 from recorder.rundir.errors import ResultsError
 from replay.classpairs import STATS
 from tests.helpers import B0, B1, LABELS6, block_matrix, make_run_dir, write_store
@@ -103,12 +105,10 @@ def test_analyze_writes_figures_summary_report_and_comparison(tmp_path):
     summary = analyze(run)
     out = run / "analysis"
     files = {f["file"] for f in summary["figures"]}
-    assert files == {
+    assert files == {  # the class-pair grid of the headline measure (kl) only: the others on request
         "adam-fresh_classpairs_kl.png",
-        "adam-fresh_classpairs_orig_probs_l2.png",
         "adam-fresh_separation_auc.png",
         "recorded_classpairs_kl.png",
-        "recorded_classpairs_orig_probs_l2.png",
         "recorded_separation_auc.png",
         "comparison.png",
         "training.png",
@@ -176,3 +176,121 @@ def test_clear_errors(tmp_path):
     zarr.open_group(run / "nodone.zarr", mode="a").attrs["measures"] = ["kl", "linear"]
     with pytest.raises(ResultsError, match="nodone.zarr.*measures/linear"):
         load_results(run)
+
+
+# ----------------------------------------------------------------------------- partial stores, options
+
+
+def test_partial_store_is_marked_in_table_summary_and_report(tmp_path, runner):
+    run = make_run_dir(tmp_path / "run")
+    kl = np.stack([block_matrix(B0, LABELS6)] * 5)
+    write_store(run / "part.zarr", {"kl": kl}, LABELS6, [True, True, False, False, False], [0, 9, 18, 27, 36])
+    write_store(run / "empty.zarr", {"kl": kl[:2]}, LABELS6, [False, False], [0, 9])
+    result = runner.invoke(main, ["analyze", str(run), "--no-figures"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    assert summary["stores"]["part"]["snapshots"] == {
+        "done": 2,
+        "stored": 5,
+        "listed": 5,
+        "first_step": 0,
+        "last_step": 9,
+        "last_listed_step": 36,
+        "partial": True,
+    }
+    partial = (
+        "Partial: part has 2 of 5 snapshots replayed (steps 0 to 9 of 36); its final values are those of "
+        "step 9; rerun its replay to do the rest."
+    )
+    assert summary["status"] == [partial, "Skipped: empty (no completed snapshot)."]
+    assert "part (2/5 snapshots)  kl" in result.output and partial in result.output
+    assert "Skipped: empty (no completed snapshot)." in result.output
+    html = (run / "analysis" / "report.html").read_text()
+    assert html.index(escape(partial)) < html.index("<nav>")  # among the first lines
+
+
+def test_stores_measures_and_no_figures_options(tmp_path, runner):
+    run = make_run_dir(tmp_path / "run")
+    rng = np.random.default_rng(1)
+    measures = {m: rng.uniform(0.1, 2.0, size=(2, 6, 6)) for m in ("kl", "linear", "orig_probs_l2")}
+    for name in ("a", "b"):
+        write_store(run / f"{name}.zarr", measures, LABELS6, [True, True], [0, 10])
+    result = runner.invoke(
+        main, ["analyze", str(run), "--stores", "b", "--measures", "linear", "--no-figures"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    assert list(summary["stores"]) == ["b"] and list(summary["stores"]["b"]["measures"]) == ["linear"]
+    assert summary["figures"] == [] and not list((run / "analysis").glob("*.png"))
+    assert result.output.rstrip().endswith(f"summary.json and report.html in {run / 'analysis'}")
+    result = runner.invoke(main, ["analyze", str(run), "--stores", "c"])
+    assert result.exit_code == 1 and result.output == "Error: store(s) c not found; stored: a, b\n"
+
+    # default: every measure in the numbers, the class-pair grid of the headline measure (kl) only
+    summary = analyze(run, stores=["a"])
+    grids = [f["file"] for f in summary["figures"] if f["section"] == "classpairs"]
+    assert grids == ["a_classpairs_kl.png"]
+    assert set(summary["stores"]["a"]["measures"]) == {"kl", "linear", "orig_probs_l2"}
+    summary = analyze(run, stores=["a"], measures=["linear", "kl"])  # named measures: each drawn
+    grids = sorted(f["file"] for f in summary["figures"] if f["section"] == "classpairs")
+    assert grids == ["a_classpairs_kl.png", "a_classpairs_linear.png"]
+
+
+# ----------------------------------------------------------------------------- headline and report
+
+
+@pytest.mark.parametrize(
+    "same, cross, verdict",
+    [
+        (3.0, 1.0, "an update on one example moves examples of its own class more than others"),
+        (1.0, 3.0, "an update on one example moves examples of other classes more than its own"),
+        (1.0, 1.0, "same-class and cross-class pairs are not told apart"),
+    ],
+)
+def test_headline_says_whether_same_class_pairs_move_more(tmp_path, same, cross, verdict):
+    run = make_run_dir(tmp_path / "run")
+    B = np.full((3, 3), cross) + np.eye(3) * (same - cross)  # S[i, j] by class, self pairs excluded
+    kl = np.stack([block_matrix(B * (1 + k), LABELS6) for k in range(3)])
+    write_store(run / "s.zarr", {"kl": kl}, LABELS6, [True] * 3, [0, 10, 20])
+    summary = analyze(run, figures=False)
+    auc = [1.0, 0.0, 0.5][[3.0, 1.0].index(same) if same != cross else 2]  # exact: no overlap, or all ties
+    ratio = same / cross
+    assert summary["headline"][0] == (
+        f"s, kl: {verdict}: separation AUC {auc:.3g} averaged over training (95% interval {auc:.3g} to "
+        f"{auc:.3g}; 0.5 means no separation), same-class S_rel {ratio:.3g} times the cross-class mean."
+    )
+    assert (
+        summary["headline"][1]
+        == f"Over training its AUC stays from {auc:.3g} at step 0 to {auc:.3g} at step 20."
+    )
+
+
+def test_report_leads_with_headline_and_key_figures_the_rest_folded(tmp_path):
+    """Ten classes of five probes, two stores: the demo's shape, with fewer snapshots."""
+    run = make_run_dir(tmp_path / "run")
+    labels = np.repeat(np.arange(10), 5)
+    rng = np.random.default_rng(2)
+    for name in ("adam-fresh", "recorded"):
+        S = rng.lognormal(size=(8, 50, 50)) * (1 + (labels[:, None] == labels[None, :]))
+        write_store(run / f"{name}.zarr", {"kl": S, "linear": S * 2}, labels, [True] * 8, range(0, 80, 10))
+    summary = analyze(run)
+    html = (run / "analysis" / "report.html").read_text()
+    order = [
+        '<ul class="headline">',
+        "<nav>",
+        '<h2 id="key-figures">',
+        "adam-fresh_separation_auc.png",
+        "comparison.png",
+        '<h2 id="summary">',
+        '<details id="classpairs">',
+        "adam-fresh_classpairs_kl.png",
+        '<details id="configuration">',
+    ]
+    positions = [html.index(marker) for marker in order]
+    assert positions == sorted(positions)
+    for anchor in ("key-figures", "summary", "classpairs", "ratios", "comparison", "configuration"):
+        assert f'href="#{anchor}"' in html
+    assert html.count("data:image/png;base64,") == len(summary["figures"]) == 5
+    sizes = {p.name: p.stat().st_size for p in (run / "analysis").glob("*.png")}
+    assert max(sizes.values()) < 150_000, sizes  # a ten-panel grid included
+    assert len(html) < 1_000_000

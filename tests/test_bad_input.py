@@ -158,7 +158,7 @@ def test_probes_or_outputs_that_do_not_fit_the_model(tmp_path):
     writer = RunWriter(tmp_path / "inputs", run_spec("mlp"), x[:, :5], y)
     writer.add_snapshot(snapshot(model, 0))
     assert_one_line_error(
-        cli(tmp_path / "inputs"), "probes.safetensors", "(9, 5)", "do not fit the model 'mlp'"
+        cli(tmp_path / "inputs"), "probes.safetensors", "[9, 5]", "do not fit the model 'mlp'"
     )
 
     spec = RunSpec(ModelSpec("mlp", {"in_features": 6, "num_outputs": 3, "hidden": [8]}), "classification",

@@ -21,7 +21,8 @@ import zarr
 from torch import Tensor
 
 from recorder.losses import batch_loss
-from recorder.models import PAD_TOKEN, build_model
+from recorder.models import PAD_TOKEN, build_model, forward
+from recorder.rundir.probes import Inputs, map_inputs, take
 from recorder.rundir.run import RunDir, RunWriter
 from recorder.rundir.snapshot import Snapshot
 from recorder.rundir.spec import ModelSpec, RunSpec
@@ -67,6 +68,30 @@ def _tokens(vocab: int, length: int) -> Callable[[torch.Generator, Tensor], Tens
     return make
 
 
+def _masked_tokens(vocab: int, length: int) -> Callable[[torch.Generator, Tensor], Inputs]:
+    """Named inputs of a transformers model: ``input_ids`` as :func:`_tokens` makes them and their
+    ``attention_mask`` (1 for a token, 0 for padding), each ``[P, length]``."""
+    tokens = _tokens(vocab, length)
+
+    def make(g: torch.Generator, labels: Tensor) -> Inputs:
+        ids = tokens(g, labels)
+        return {"input_ids": ids, "attention_mask": (ids != PAD_TOKEN).long()}
+
+    return make
+
+
+def _pixels(g: torch.Generator, labels: Tensor) -> Inputs:
+    """Named inputs of a transformers image classifier: ``pixel_values`` ``[P, 3, 8, 8]``."""
+    return {"pixel_values": _features(3, 8, 8)(g, labels)}
+
+
+def _transformers(model_type: str, auto_class: str = "AutoModelForSequenceClassification", **config: object) -> dict:
+    """The kwargs of the ``transformers`` factory for a tiny randomly initialised classifier of
+    ``model_type`` (built by ``auto_class``) with ``NUM_CLASSES`` labels."""
+    config = {"model_type": model_type, "num_labels": NUM_CLASSES, "pad_token_id": PAD_TOKEN} | config
+    return {"auto_class": auto_class, "config": config}
+
+
 @dataclass(frozen=True)
 class Row:
     """One model feature: its model, probes, and how it was trained and recorded."""
@@ -74,7 +99,7 @@ class Row:
     name: str
     factory: str
     kwargs: dict
-    inputs: Callable[[torch.Generator, Tensor], Tensor]
+    inputs: Callable[[torch.Generator, Tensor], Inputs]
     num_outputs: int = NUM_CLASSES
     autocast: bool = False  # trained under bfloat16 autocast (weights stay float32)
     groups: bool = False  # two parameter groups with their own lr and weight decay
@@ -90,6 +115,7 @@ ROWS = (
     Row("embedding, padding mask", "token_bag", {"vocab": 12}, _tokens(12, 5)),
     Row("gru", "gru", {"in_features": 3}, _features(4, 3), marks=SLOW),
     Row("tied weights", "tied_tokens", {"vocab": 6}, _tokens(6, 4), num_outputs=6),
+    Row("named inputs, dict outputs", "keyword_tokens", {"vocab": 12}, _masked_tokens(12, 5)),
     Row("frozen parameters", "adapter", {"in_features": 6}, _features(6)),
     Row("parameter groups", "mlp", {"in_features": 6, "hidden": [8]}, _features(6), groups=True),
     Row("autocast bfloat16", "mlp", {"in_features": 6, "hidden": [8]}, _features(6), autocast=True),
@@ -99,6 +125,46 @@ ROWS = (
         {"in_features": 6, "hidden": [8]},
         _features(6),
         compiled=True,
+        marks=SLOW,
+    ),
+    Row(
+        "transformers BERT, attention mask",
+        "transformers",
+        _transformers(
+            "bert",
+            vocab_size=12,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            max_position_embeddings=8,
+        ),
+        _masked_tokens(12, 5),
+        marks=SLOW,
+    ),
+    Row(
+        "transformers GPT-2",
+        "transformers",
+        _transformers(
+            "gpt2", vocab_size=12, n_embd=8, n_layer=1, n_head=2, n_positions=8, bos_token_id=1, eos_token_id=1
+        ),
+        _masked_tokens(12, 5),
+        marks=SLOW,
+    ),
+    Row(
+        "transformers ViT, pixel_values",
+        "transformers",
+        _transformers(
+            "vit",
+            "AutoModelForImageClassification",
+            image_size=8,
+            patch_size=4,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+        ),
+        _pixels,
         marks=SLOW,
     ),
 )
@@ -115,11 +181,11 @@ def _optimizer(model: torch.nn.Module, row: Row) -> torch.optim.Optimizer:
     )
 
 
-def record(row: Row, path: Path) -> tuple[Snapshot, Tensor, Tensor]:
+def record(row: Row, path: Path) -> tuple[Snapshot, Inputs, Tensor]:
     """Train ``row``'s model a few steps (train mode) and record one snapshot into ``path``: the
-    snapshot, probe inputs ``[P, ...]`` and classes ``[P]``."""
+    snapshot, probe inputs ``[P, ...]`` (or named tensors) and classes ``[P]``."""
     torch.manual_seed(0)
-    spec = ModelSpec(row.factory, row.kwargs | {"num_outputs": row.num_outputs})
+    spec = _spec(row)
     model = build_model(spec).train()
     g = torch.Generator().manual_seed(1)
     labels = torch.arange(NUM_CLASSES).repeat_interleave(PER_CLASS)
@@ -129,7 +195,7 @@ def record(row: Row, path: Path) -> tuple[Snapshot, Tensor, Tensor]:
         batch = torch.randint(len(labels), (4,), generator=g)
         optimizer.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=row.autocast):
-            loss = batch_loss("cross_entropy", model(inputs[batch]).float(), labels[batch])
+            loss = batch_loss("cross_entropy", forward(model, take(inputs, batch)).float(), labels[batch])
         loss.backward()
         optimizer.step()
     model.eval()
@@ -147,7 +213,7 @@ def record(row: Row, path: Path) -> tuple[Snapshot, Tensor, Tensor]:
 
 
 def loop(
-    row: Row, recorded: Snapshot, inputs: Tensor, labels: Tensor, update: UpdateConfig
+    row: Row, recorded: Snapshot, inputs: Inputs, labels: Tensor, update: UpdateConfig
 ) -> dict[str, Tensor]:
     """The plain float64 loop in eval mode with the rule's real optimizer: name -> ``[P, P]``."""
     recorded = uncompiled(recorded, dict(build_model(_spec(row)).named_parameters()))
@@ -161,12 +227,14 @@ def loop(
         }
         record = dataclasses.replace(record, state=state)
     make_optimizer = RULES[update.rule].reference(update, record)
-    x = inputs.double() if inputs.is_floating_point() else inputs
+    x = map_inputs(lambda t: t.double() if t.is_floating_point() else t, inputs)
     return plain_measures(*plain_changes(model, make_optimizer, "cross_entropy", x, labels))
 
 
 def _spec(row: Row) -> ModelSpec:
-    return ModelSpec(row.factory, row.kwargs | {"num_outputs": row.num_outputs})
+    """The row's model: the transformers factory takes its number of outputs in its config."""
+    outputs = {} if row.factory == "transformers" else {"num_outputs": row.num_outputs}
+    return ModelSpec(row.factory, row.kwargs | outputs)
 
 
 @dataclass

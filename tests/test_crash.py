@@ -205,6 +205,7 @@ def _flat(value) -> list[torch.Tensor]:
 def test_recorder_killed_at_random_moments_keeps_every_listed_snapshot(tmp_path):
     assert run_forked(_record, tmp_path / "reference") == 0
     full = RunDir(tmp_path / "reference")
+    assert full.complete
     full_store = read_arrays(replay(full.path, CONFIG, progress=False))
     rng, listed = random.Random(3), []
     for trial in range(TRIALS):
@@ -219,6 +220,7 @@ def test_recorder_killed_at_random_moments_keeps_every_listed_snapshot(tmp_path)
             continue  # killed before the recorder wrote anything
         run = RunDir(run_dir)
         n = len(run.manifest)
+        assert not run.complete  # the manifest says the recording did not finish
         # The listed snapshots are the uninterrupted run's, byte for byte (equal checksums),
         # intact (checksums verified on load) and equal to its snapshots.
         assert run.manifest == full.manifest[:n]

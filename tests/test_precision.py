@@ -1,6 +1,7 @@
 """The precision bar of issue 6: in the default mode (``auto``) the ``orig`` and ``kl`` matrices lie
 within 1e-3 (relative Frobenius norm) of a float64 replay, for ``adam-fresh`` and for ``sgd`` at
-lr 1e-4, on the digits MLP, a small CNN and ResNet-18, and the stored error estimate is honest."""
+lr 1e-4, on the digits MLP, a small CNN and ResNet-18, and the stored error estimate bounds the
+error (the whole matrix of models, rules and precisions: tests/test_error_bound.py)."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def test_default_mode_is_within_the_bar_of_float64_and_says_so(cases, name, rule
     true_error = frobenius_error(result.measures, reference.measures)
     assert true_error < BAR
     assert result.error_estimate < BAR
-    assert true_error <= 10 * result.error_estimate  # the estimate is not optimistic
+    assert true_error <= result.error_estimate  # the estimate bounds
     assert result.measures["kl"].dtype == torch.float64
     torch.testing.assert_close(result.base_outputs, reference.base_outputs, rtol=1e-12, atol=1e-12)
 
@@ -202,8 +203,11 @@ def test_auto_goes_straight_to_mixed_where_the_float32_difference_would_miss(cas
 
 
 def test_auto_keeps_the_float32_difference_where_it_is_predicted_to_resolve_the_step(cases):
+    """``adam-fresh`` at lr 1e-2: changes large enough for float32 to resolve them within the
+    target, bound and all (at lr 1e-3 the bound, five times what the check finds, is above it)."""
     case = cases["digits"]
-    auto = Engine(case.spec, case.inputs, case.targets, ReplayConfig(RULES["adam-fresh"], measures=COMPARED))
+    update = UpdateConfig("adam-fresh", lr=1e-2)
+    auto = Engine(case.spec, case.inputs, case.targets, ReplayConfig(update, measures=COMPARED))
     evaluations, changes = _spied(auto)
     result = auto.replay_snapshot(case.snapshot)
     assert result.arithmetic == "difference32"

@@ -63,9 +63,12 @@ def test_store_follows_the_readme_layout(run, reference):
         "update_norm": ((S, P), ("snapshot", "probe")),
         "error_estimate": ((S,), ("snapshot",)),
         "fallback": ((S,), ("snapshot",)),
+        "arithmetic": ((S,), ("snapshot",)),
+        "recorded_lr": ((S,), ("snapshot",)),  # NaN here: this manifest lists no lr
     }
     for m in MEASURES:
         expected[f"measures/{m}"] = ((S, P, P), ("snapshot", "updated", "observed"))
+        expected[f"self_change/{m}"] = ((S, P), ("snapshot", "updated"))
         for stat in ("mean", "median"):
             expected[f"classpairs/{m}/{stat}"] = ((S, K, K), ("snapshot", "observed_class", "updated_class"))
     arrays = {n: a for n, a in group.members(max_depth=None) if isinstance(a, zarr.Array)}

@@ -206,7 +206,7 @@ def _draw(
     colors = {0: "tab:blue", 1: "tab:orange"}
     pair_names = {0: "same class", 1: "cross class"}
     linthresh = 10 ** np.ceil(np.log10(curves.times[1]))  # a power of ten: no tick labels collide at 0
-    with _figure(path, title, 2, max_cols=2) as (_, (ax_s, ax_loss)):
+    with _figure(path, title, 2, max_cols=2, layout="constrained") as (_, (ax_s, ax_loss)):
         for k in (0, 1):
             ax_s.plot(curves.times, curves.exact[:, k], color=colors[k], label=f"{pair_names[k]}: exact")
             ax_s.plot(

@@ -87,6 +87,8 @@ def load_theory_run(run_dir: str | Path) -> TheoryRun:
     except RuntimeError as e:
         raise RunDirError(f"{run.path / run.manifest[0].file}: weights do not fit the model ({e})") from None
     inputs, targets = run.probes()
+    if not isinstance(inputs, torch.Tensor):
+        raise RunDirError(f"{run.path / 'probes.safetensors'}: a theory run's probe inputs are one tensor")
     return TheoryRun(
         run=run,
         family=family,

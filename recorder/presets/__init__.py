@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 @dataclass
@@ -76,8 +79,67 @@ def _parse(name: str, raw: str, hint: Any) -> Any:
     raise ValueError(f"{name}={raw!r}: expected {hint}")
 
 
+def check_settings(config: Any) -> None:
+    """Raise ValueError, naming the setting and what it takes, for a setting of the dataclass
+    ``config`` out of its range (before anything is recorded):
+
+    - a setting with ``metadata["choices"]`` must be one of them;
+    - an integer setting (or each integer of a list) counts something, so it is at least 1, except
+      seeds (names ending in ``seed``) and the names in :data:`_AT_LEAST`;
+    - a float setting is finite, and within :data:`_FLOAT_RANGES` for the names there;
+    - ``device`` is ``auto`` where that is its default, else a torch device this machine has.
+    """
+    for f in dataclasses.fields(config):
+        value, name = getattr(config, f.name), f.name
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ValueError(f"{name}={value!r}: must be one of {', '.join(map(str, choices))}")
+        numbers = value if isinstance(value, list) else [value]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in numbers):
+            low = 0 if name.endswith("seed") else _AT_LEAST.get(name, 1)
+            if any(v < low for v in numbers):
+                what = "each must be" if isinstance(value, list) else "must be"
+                raise ValueError(f"{name}={value!r}: {what} at least {low}")
+        elif isinstance(value, float):
+            in_range, allowed = _FLOAT_RANGES.get(name, (lambda x: True, "a finite number"))
+            if not (math.isfinite(value) and in_range(value)):
+                raise ValueError(f"{name}={value!r}: must be {allowed}")
+        if name == "device":
+            problem = _device_problem(value, allow_auto=f.default == "auto")
+            if problem:
+                raise ValueError(f"device={value!r}: {problem}")
+
+
+_AT_LEAST = {"workers": 0, "classes": 0, "background": 0}  # integer settings that may be 0 (seeds too)
+_FLOAT_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {  # name -> test, the range in words
+    "lr": (lambda x: x > 0, "a finite number above 0"),
+    "weight_decay": (lambda x: x >= 0, "a finite number of at least 0"),
+    "momentum": (lambda x: x >= 0, "a finite number of at least 0"),
+    "test_fraction": (lambda x: 0 < x < 1, "a number between 0 and 1"),
+}
+
+
+def _device_problem(device: str, allow_auto: bool) -> str | None:
+    """What keeps torch from training on ``device`` on this machine, or None."""
+    if device == "auto" and allow_auto:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        return "not a torch device (cpu, cuda, cuda:1, ...)" + (" or auto" if allow_auto else "")
+    backend = getattr(torch, parsed.type, None) if parsed.type != "cpu" else None
+    if backend is not None and hasattr(backend, "is_available"):
+        count = backend.device_count() if backend.is_available() else 0
+        if count == 0:
+            return f"torch sees no {parsed.type} device on this machine; use device=cpu"
+        if parsed.index is not None and parsed.index >= count:
+            return f"this machine has {count} {parsed.type} device(s), numbered from 0"
+    return None
+
+
 # The built-in presets register themselves on import.
 from recorder.presets import digits as _digits  # noqa: E402,F401
+from recorder.presets import digits_pairs as _digits_pairs  # noqa: E402,F401
 from recorder.presets import regression as _regression  # noqa: E402,F401
 from recorder.presets import theory as _theory  # noqa: E402,F401
 from recorder.presets import vision as _vision  # noqa: E402,F401

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from recorder.datasets import digits, stratified_sample
-from recorder.presets import Preset, register_preset
+from recorder.presets import Preset, check_settings, register_preset
 from recorder.rundir.spec import ModelSpec
 from recorder.schedule import Schedule
 from recorder.training import record_supervised
@@ -23,7 +23,9 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 class DigitsConfig:
     epochs: int = field(default=10, metadata={"help": "training epochs"})
     batch_size: int = field(default=32, metadata={"help": "training batch size"})
-    optimizer: str = field(default="adam", metadata={"help": f"one of {', '.join(OPTIMIZERS)}"})
+    optimizer: str = field(
+        default="adam", metadata={"help": f"one of {', '.join(OPTIMIZERS)}", "choices": OPTIMIZERS}
+    )
     lr: float = field(default=1e-3, metadata={"help": "learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
     momentum: float = field(default=0.9, metadata={"help": "momentum (sgd only)"})
@@ -41,8 +43,7 @@ class DigitsConfig:
 
 def record(run_dir: Path, config: DigitsConfig) -> None:
     """Train the MLP with the recorder attached, writing the run to ``run_dir``."""
-    if config.optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {config.optimizer!r}")
+    check_settings(config)
     x_train, y_train, x_test, y_test = digits(config.test_fraction, config.seed)
     probes = stratified_sample(y_train.numpy(), config.probes_per_class, config.seed)
     optimizer: Callable[..., torch.optim.Optimizer]

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from tqdm import tqdm
 
 from recorder.datasets import INPUT_RMS, theory_model_spec, theory_setup
 from recorder.losses import batch_loss
@@ -49,7 +48,7 @@ from recorder.presets import Preset, register_preset
 from recorder.recorder import Recorder
 from recorder.rundir.spec import ModelSpec
 from recorder.schedule import Schedule
-from recorder.training import torch_threads
+from recorder.training import progress_bar, torch_threads
 
 
 @dataclass
@@ -147,12 +146,14 @@ def record(run_dir: Path, config: TheoryConfig, preset: str) -> None:
             extra={"config": asdict(config), "probe_classes": s.classes[s.probe_index].tolist()},
         ) as recorder,
     ):
-        for _ in tqdm(range(config.steps), disable=not config.progress, unit="step", dynamic_ncols=True):
-            optimizer.zero_grad(set_to_none=True)
-            loss = batch_loss("half_sse", s.model(s.x), s.y)
-            loss.backward()
-            optimizer.step()
-            recorder.step(loss=loss.item())
+        with progress_bar(config.steps, config.progress) as bar:
+            for _ in range(config.steps):
+                optimizer.zero_grad(set_to_none=True)
+                loss = batch_loss("half_sse", s.model(s.x), s.y)
+                loss.backward()
+                optimizer.step()
+                recorder.step(loss=loss.item())
+                bar.update()
 
 
 PRESET_CONFIGS: dict[str, type[TheoryConfig]] = {

@@ -9,6 +9,16 @@ test images (when ``test_per_class`` is set), the initial weights, the batch ord
 augmentation. Output ``k`` of the model is the ``k``-th kept class; ``spec.json`` ``extra`` holds
 ``config``, ``classes`` (the dataset labels kept) and ``class_names``.
 
+``protocol=seed`` follows the paper's notebooks where they differ from that description: every
+training image carries one random crop and flip drawn once by the run's seed and then frozen
+(:class:`FixedAugmentation`), so the probes are training images as trained on, the same at every
+snapshot; the last incomplete batch of an epoch is dropped; snapshots follow ``batch_idx %
+snapshot_every == 0`` with the batch index restarting every epoch
+(:meth:`~recorder.schedule.Schedule.every_in_epoch`); and every epoch also logs
+``train_sample_acc`` (and ``train_sample_loss``), the accuracy on ``train_sample_per_class``
+training images of each class drawn from the whole training split, each with its own frozen
+augmentation: the kind of accuracy the paper published as its test accuracy.
+
 The data are read by torchvision's dataset classes from ``data_root`` (CIFAR: the folders
 ``cifar-10-batches-py`` / ``cifar-100-python``; SVHN: ``train_32x32.mat`` and ``test_32x32.mat``),
 downloaded there only with ``download=true``.
@@ -36,10 +46,12 @@ from recorder.training import record_supervised
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
+SIZE, PADDING = 32, 4  # the augmentation's crop: SIZE x SIZE of the image padded by PADDING zeros
+PROTOCOLS = ("default", "seed")
 EVAL_TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
 TRAIN_TRANSFORM = transforms.Compose(
     [
-        transforms.RandomCrop(32, padding=4),
+        transforms.RandomCrop(SIZE, padding=PADDING),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(MEAN, STD),
@@ -69,13 +81,29 @@ class VisionConfig:
         default=None, metadata={"help": "test images of each kept class for the test accuracy (null: all)"}
     )
     probes_per_class: int = field(
-        default=20, metadata={"help": "training images of each class in the probe set (not augmented)"}
+        default=20,
+        metadata={
+            "help": "training images of each class in the probe set (not augmented but under protocol=seed)"
+        },
     )
     batch_size: int = field(default=256, metadata={"help": "training batch size"})
     epochs: int = field(default=7, metadata={"help": "training epochs"})
     lr: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
     weight_decay: float = field(default=1e-4, metadata={"help": "Adam weight decay"})
     snapshot_every: int = field(default=9, metadata={"help": "snapshot every this many batches"})
+    protocol: str = field(
+        default="default",
+        metadata={
+            "help": "default, or seed: the paper's notebooks (augmentation drawn once and frozen, probes "
+            "included; snapshots at batch_idx % snapshot_every == 0 within each epoch; last incomplete "
+            "batch dropped; an accuracy on training images, train_sample_acc)",
+            "choices": PROTOCOLS,
+        },
+    )
+    train_sample_per_class: int = field(
+        default=1000,
+        metadata={"help": "protocol=seed: training images of each class in train_sample_acc"},
+    )
     runs: int = field(
         default=3, metadata={"help": "independent runs (seeds seed, seed+1, ...): RUN_DIR/run-00, ..."}
     )
@@ -99,6 +127,10 @@ class SvhnConfig(VisionConfig):
         default_factory=lambda: [0, 2, 4], metadata={"help": "dataset labels kept; output k is the k-th"}
     )
     train_per_class: int = field(default=4000, metadata={"help": "training images of each kept class"})
+    train_sample_per_class: int = field(
+        default=800,
+        metadata={"help": "protocol=seed: training images of each class in train_sample_acc"},
+    )
 
 
 @dataclass
@@ -108,6 +140,10 @@ class Cifar100Config(VisionConfig):
     )
     train_per_class: int = field(default=500, metadata={"help": "training images of each kept class"})
     batch_size: int = field(default=25, metadata={"help": "training batch size"})
+    train_sample_per_class: int = field(
+        default=100,
+        metadata={"help": "protocol=seed: training images of each class in train_sample_acc"},
+    )
 
 
 @dataclass(frozen=True)
@@ -174,19 +210,56 @@ def _without_md5(cls: type[_VisionSet]) -> type[_VisionSet]:
     return cast(type[_VisionSet], type(cls.__name__, (cls,), attrs))  # a subclass of cls
 
 
-class Selected(Dataset):
-    """Images ``index`` of ``base`` through ``transform``, labels mapped to ``0 .. K-1``:
-    items (``[3, 32, 32]`` float32, int)."""
+@dataclass(frozen=True)
+class FixedAugmentation:
+    """The training augmentation (a ``SIZE`` x ``SIZE`` crop of the image padded by ``PADDING``
+    zero pixels, a horizontal flip with probability 1/2) drawn once per image and then frozen:
+    image ``k`` is always cropped at ``offsets[k]`` (top, left; ``[N, 2]`` in ``0 .. 2 * PADDING``)
+    and flipped where ``flips[k]`` (``[N]`` bool)."""
 
-    def __init__(self, base: Dataset, index: np.ndarray, labels: np.ndarray, transform: Any):
+    offsets: np.ndarray
+    flips: np.ndarray
+
+    @classmethod
+    def draw(cls, n: int, rng: np.random.Generator) -> FixedAugmentation:
+        """The augmentations of ``n`` images, drawn from ``rng``."""
+        return cls(rng.integers(0, 2 * PADDING + 1, size=(n, 2)), rng.random(n) < 0.5)
+
+    def __call__(self, image: Any, k: int) -> Any:
+        """Image ``k`` (a PIL image) augmented."""
+        top, left = (int(v) for v in self.offsets[k])
+        image = transforms.functional.crop(transforms.functional.pad(image, PADDING), top, left, SIZE, SIZE)
+        return transforms.functional.hflip(image) if self.flips[k] else image
+
+
+class Selected(Dataset):
+    """Images ``index`` of ``base`` through ``augmentation`` (if any, by position in ``index``)
+    and ``transform``, labels mapped to ``0 .. K-1``: items (``[3, 32, 32]`` float32, int)."""
+
+    def __init__(
+        self,
+        base: Dataset,
+        index: np.ndarray,
+        labels: np.ndarray,
+        transform: Any,
+        augmentation: FixedAugmentation | None = None,
+    ):
         self.base, self.index, self.labels, self.transform = base, index, labels, transform
+        self.augmentation = augmentation
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
         image, _ = self.base[int(self.index[k])]
+        if self.augmentation is not None:
+            image = self.augmentation(image, k)
         return self.transform(image), int(self.labels[k])
+
+
+def model_spec(num_outputs: int) -> ModelSpec:
+    """The paper's model: ResNet-18 in torchvision's layout without normalization layers."""
+    return ModelSpec("resnet18_nonorm", {"num_outputs": num_outputs})
 
 
 def select(
@@ -216,6 +289,12 @@ def record(run_dir: Path, config: VisionConfig, preset: str) -> None:
         )
     if config.probes_per_class > config.train_per_class:
         raise DataError("probes_per_class cannot exceed train_per_class: probes are training images")
+    seed_protocol = config.protocol == "seed"
+    if seed_protocol and config.train_per_class * len(config.classes) < config.batch_size:
+        raise DataError(
+            "protocol=seed drops the last incomplete batch: train_per_class times the number of classes "
+            "must be at least batch_size"
+        )
     device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
     train_set, test_set = data.load(config, train=True), data.load(config, train=False)
     check_counts(
@@ -232,6 +311,14 @@ def record(run_dir: Path, config: VisionConfig, preset: str) -> None:
         f"{data.title} test set",
         "test_per_class",
     )
+    if seed_protocol:
+        check_counts(
+            data.labels(train_set),
+            config.classes,
+            config.train_sample_per_class,
+            f"{data.title} training set",
+            "train_sample_per_class",
+        )
     settings = {**asdict(config), "device": device}
     record_group(
         run_dir,
@@ -260,32 +347,53 @@ def _record_run(
     train_index, train_labels = select(data.labels(train_set), config.classes, config.train_per_class, rng)
     test_index, test_labels = select(data.labels(test_set), config.classes, config.test_per_class, rng)
     probe_pos = stratified_sample(train_labels, config.probes_per_class, rng)
-    probes = Selected(train_set, train_index[probe_pos], train_labels[probe_pos], EVAL_TRANSFORM)
-    probe_inputs = torch.stack([probes[k][0] for k in range(len(probes))])  # [P, 3, 32, 32]
+    seed_protocol = config.protocol == "seed"
+    augmentation = FixedAugmentation.draw(len(train_index), rng) if seed_protocol else None
+    # the training images as the seed protocol trains on them (otherwise not augmented)
+    fixed = Selected(train_set, train_index, train_labels, EVAL_TRANSFORM, augmentation)
+    probe_inputs = torch.stack([fixed[int(k)][0] for k in probe_pos])  # [P, 3, 32, 32]
     probe_targets = torch.from_numpy(train_labels[probe_pos])  # [P]
+    train_data = fixed if seed_protocol else Selected(train_set, train_index, train_labels, TRAIN_TRANSFORM)
 
     loader_options: _LoaderOptions = {
         "num_workers": config.workers,
         "pin_memory": device.startswith("cuda"),
         "persistent_workers": config.workers > 0,
     }
+    train_loader = DataLoader(
+        train_data,
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=seed_protocol,
+        generator=torch.Generator().manual_seed(seed),
+        **loader_options,
+    )
+    eval_loaders: dict[str, DataLoader] = {}
+    images = {"train": len(train_index), "test": len(test_index)}
+    if seed_protocol:  # the notebooks' "test" accuracy: training images, each augmented once
+        sample_index, sample_labels = select(
+            data.labels(train_set), config.classes, config.train_sample_per_class, rng
+        )
+        sample_augmentation = FixedAugmentation.draw(len(sample_index), rng)
+        sample = Selected(train_set, sample_index, sample_labels, EVAL_TRANSFORM, sample_augmentation)
+        eval_loaders["train_sample"] = DataLoader(sample, batch_size=512, **loader_options)
+        images["train_sample"] = len(sample_index)
+    schedule = (
+        Schedule.every_in_epoch(config.snapshot_every, len(train_loader))
+        if seed_protocol
+        else Schedule.every(config.snapshot_every)
+    )
     names = data.class_names(train_set)
     record_supervised(
         run_dir,
-        ModelSpec("resnet18_nonorm", {"num_outputs": len(config.classes)}),
+        model_spec(len(config.classes)),
         functools.partial(torch.optim.Adam, lr=config.lr, weight_decay=config.weight_decay),
-        DataLoader(
-            Selected(train_set, train_index, train_labels, TRAIN_TRANSFORM),
-            batch_size=config.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
-            **loader_options,
-        ),
+        train_loader,
         DataLoader(
             Selected(test_set, test_index, test_labels, EVAL_TRANSFORM), batch_size=512, **loader_options
         ),
         (probe_inputs, probe_targets),
-        Schedule.every(config.snapshot_every),
+        schedule,
         task="classification",
         loss="cross_entropy",
         epochs=config.epochs,
@@ -295,10 +403,11 @@ def _record_run(
             "config": {**asdict(config), "seed": seed, "device": device},
             "classes": list(config.classes),
             "class_names": [names[c] for c in config.classes],
-            "images": {"train": len(train_index), "test": len(test_index)},
+            "images": images,
         },
         device=device,
         progress=config.progress,
+        eval_loaders=eval_loaders,
     )
 
 

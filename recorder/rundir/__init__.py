@@ -11,7 +11,8 @@ project (``tests/test_imports.py`` enforces it):
 - :mod:`~recorder.rundir.snapshot`: one snapshot file and its manifest entry;
 - :mod:`~recorder.rundir.run`: the run directory as a whole (:class:`RunDir` to read it,
   :class:`RunWriter` to write one);
-- :mod:`~recorder.rundir.group`: run groups (several seeds of one preset).
+- :mod:`~recorder.rundir.group`: run groups (several seeds of one preset);
+- :mod:`~recorder.rundir.overwrite`: recording into a directory that holds a recording.
 
 The layout is documented in the README ("Run directory"). This ``__init__`` imports nothing, so that the
 writer process can import the torch-free modules without torch.

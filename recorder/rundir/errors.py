@@ -41,6 +41,11 @@ class ReplayWarning(UserWarning):
     """A replay went on but something in it is suspect (non-finite weights, imprecise measures)."""
 
 
+class UnfinishedRunWarning(UserWarning):
+    """A run directory's recording did not finish (it was interrupted, or is still being
+    written): replay and analyses use the snapshots it lists."""
+
+
 class WriterError(RuntimeError):
     """The recorder's writer process failed, or is gone."""
 

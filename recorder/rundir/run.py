@@ -5,8 +5,10 @@ A run directory holds everything replay needs and nothing that executes::
 
     RUN_DIR/
       spec.json            RunSpec: model factory + kwargs, task, loss, optimizer type, seed, versions
-      probes.safetensors   "inputs" [P, ...], "targets" [P] (int64 classes) or [P, C] (float)
-      manifest.json        {"format": 1, "snapshots": [SnapshotEntry, ...]}, rewritten atomically
+      probes.safetensors   "inputs" [P, ...] (or "inputs.<name>" [P, ...] each), "targets" [P]
+                           (int64 classes) or [P, C] (float); see :mod:`recorder.rundir.probes`
+      manifest.json        {"format": 1, "complete": bool, "snapshots": [SnapshotEntry, ...]},
+                           rewritten atomically ("complete": false while being recorded)
       metrics.jsonl        one JSON object per line: {"step": .., "epoch": .., <metric>: ..}
       snapshots/step_00000012.safetensors     (see :mod:`recorder.rundir.snapshot`)
 
@@ -20,13 +22,13 @@ read from a run directory is executed (JSON and safetensors only, no pickle).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as st_save
 
-from recorder.rundir.errors import CorruptSnapshotError, RunDirError
+from recorder.rundir.errors import CorruptSnapshotError, RunDirError, UnfinishedRunWarning
 from recorder.rundir.files import (
     MAX_JSON_BYTES,
     atomic_write_bytes,
@@ -36,13 +38,12 @@ from recorder.rundir.files import (
     read_file,
     sha256,
 )
+from recorder.rundir.probes import Inputs, decode_probes, encode_probes, probe_problem
 from recorder.rundir.snapshot import (
-    WEIGHT_DTYPES,
     Snapshot,
     SnapshotEntry,
     decode_snapshot,
     encode_snapshot,
-    load_safetensors,
     weight_skeleton,
 )
 from recorder.rundir.spec import RunSpec
@@ -50,28 +51,6 @@ from recorder.rundir.trajectory import FORMAT_VERSION, TrajectoryWriter
 
 MAX_METRICS_BYTES = 1 << 30  # metrics.jsonl is read only up to this size
 MAX_PROBES_BYTES = 16 << 30  # probes.safetensors is read only up to this size
-PROBE_DTYPES = WEIGHT_DTYPES + (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
-def probe_problem(task: str, num_outputs: int, inputs: torch.Tensor, targets: torch.Tensor) -> str | None:
-    """What is wrong with a probe set for a run of ``task`` with ``num_outputs`` outputs, or None:
-    inputs ``[P, ...]`` with ``P > 0``; targets ``[P]`` int64 classes in ``[0, C)``
-    (classification) or ``[P, C]`` floats (regression); no NaN or Inf."""
-    if inputs.ndim < 1 or inputs.shape[0] == 0:
-        return "the probe set is empty"
-    if targets.shape[:1] != inputs.shape[:1]:
-        return f"{inputs.shape[0]} inputs but {targets.shape[0] if targets.ndim else 0} targets"
-    if task == "classification":
-        if targets.dtype != torch.int64 or targets.ndim != 1:
-            return "classification targets must be int64 classes of shape [P]"
-        if targets.min() < 0 or targets.max() >= num_outputs:
-            return f"class labels must lie in [0, {num_outputs})"
-    elif not targets.is_floating_point() or tuple(targets.shape) != (len(inputs), num_outputs):
-        return f"regression targets must be floats of shape [P, {num_outputs}]"
-    for name, t in (("inputs", inputs), ("targets", targets)):
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            return f"probe {name} contain NaN or Inf"
-    return None
 
 
 class RunDir:
@@ -79,6 +58,10 @@ class RunDir:
 
     >>> run = RunDir("runs/digits")       # doctest: +SKIP
     >>> run.spec.model.factory, len(run.manifest)
+
+    ``complete``: the manifest's ``"complete"`` field, False while the recorder writes the run
+    or when it was stopped before training finished; True without the field (runs written before
+    it existed) or without a manifest.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -92,17 +75,17 @@ class RunDir:
         if not (self.path / "spec.json").exists():
             raise RunDirError(f"{self.path}: not a run directory (no spec.json); record one first")
         self.spec = RunSpec.from_json(self._read_json("spec.json"), where=str(self.path / "spec.json"))
-        self.manifest = self._read_manifest()
+        self.manifest, self.complete = self._read_manifest()
 
     def _read_json(self, name: str) -> Any:
         """The JSON file ``name`` (relative to the run directory), at most ``MAX_JSON_BYTES``."""
         p = self.path / name
         return parse_json(read_file(p, MAX_JSON_BYTES, allowed="a JSON file may hold"), str(p))
 
-    def _read_manifest(self) -> list[SnapshotEntry]:
+    def _read_manifest(self) -> tuple[list[SnapshotEntry], bool]:
         where = str(self.path / "manifest.json")
         if not (self.path / "manifest.json").exists():
-            return []
+            return [], True
         obj = self._read_json("manifest.json")
         if not isinstance(obj, dict) or not isinstance(obj.get("snapshots"), list):
             raise RunDirError(f"{where}: expected {{'format': {FORMAT_VERSION}, 'snapshots': [...]}}")
@@ -114,17 +97,27 @@ class RunDir:
         steps = [e.step for e in entries]
         if steps != sorted(set(steps)):
             raise RunDirError(f"{where}: snapshot steps must be strictly increasing")
-        return entries
+        complete = obj.get("complete", True)
+        if not isinstance(complete, bool):
+            raise RunDirError(f"{where}: 'complete' must be true or false, not {complete!r}")
+        return entries, complete
 
-    def probes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The probe set: inputs [P, ...] and targets [P] (int64 classes) or [P, C] (floats), finite."""
+    def warn_if_unfinished(self) -> None:
+        """Warn (:class:`UnfinishedRunWarning`) when the recording did not finish."""
+        if not self.complete:
+            warnings.warn(
+                f"{self.path}: the recording did not finish (interrupted, or still being written); "
+                f"using the {len(self.manifest)} snapshots it lists",
+                UnfinishedRunWarning,
+                stacklevel=2,
+            )
+
+    def probes(self) -> tuple[Inputs, torch.Tensor]:
+        """The probe set (:mod:`recorder.rundir.probes`): inputs ``[P, ...]`` (one tensor, or named
+        tensors) and targets ``[P]`` (int64 classes) or ``[P, C]`` (floats), finite."""
         p = self.path / "probes.safetensors"
-        tensors = load_safetensors(read_file(p, MAX_PROBES_BYTES, allowed="a probe set may hold"), str(p))
-        if set(tensors) != {"inputs", "targets"}:
-            raise RunDirError(f"{p}: expected tensors 'inputs' and 'targets', found {sorted(tensors)[:4]}")
-        inputs, targets = tensors["inputs"], tensors["targets"]
-        if inputs.dtype not in PROBE_DTYPES or targets.dtype not in PROBE_DTYPES:
-            raise RunDirError(f"{p}: unsupported dtype {inputs.dtype} / {targets.dtype}")
+        data = read_file(p, MAX_PROBES_BYTES, allowed="a probe set may hold")
+        inputs, targets = decode_probes(data, str(p))
         problem = probe_problem(self.spec.task, self.spec.num_outputs, inputs, targets)
         if problem:
             raise RunDirError(f"{p}: {problem}")
@@ -185,25 +178,30 @@ class RunDir:
 
 
 def create_run_dir(
-    path: str | os.PathLike, spec: RunSpec, inputs: torch.Tensor, targets: torch.Tensor
+    path: str | os.PathLike,
+    spec: RunSpec,
+    inputs: Inputs,
+    targets: torch.Tensor,
+    complete: bool | None = None,
 ) -> None:
-    """Create a run directory: ``spec.json``, ``probes.safetensors`` (inputs [P, ...], targets [P]
-    or [P, C]) and an empty manifest. Refuses a directory that already holds a run."""
+    """Create a run directory: ``spec.json``, ``probes.safetensors`` (inputs [P, ...] or named
+    tensors [P, ...], targets [P] or [P, C]) and an empty manifest (``complete``: its field, see
+    :class:`~recorder.rundir.trajectory.TrajectoryWriter`). Refuses a directory that already
+    holds a run."""
     path = Path(path)
     if (path / "manifest.json").exists() or (path / "spec.json").exists():
         raise RunDirError(f"{path}: already holds a run; choose a new run directory")
     make_folder(path / "snapshots")
     atomic_write_json(path / "spec.json", spec.to_json())
-    probes = {"inputs": inputs.detach().cpu().contiguous(), "targets": targets.detach().cpu().contiguous()}
-    atomic_write_bytes(path / "probes.safetensors", st_save(probes))
-    TrajectoryWriter(path).write_manifest()
+    atomic_write_bytes(path / "probes.safetensors", encode_probes(inputs, targets))
+    TrajectoryWriter(path, complete).write_manifest()
 
 
 class RunWriter:
     """A synchronous writer of a whole run directory from :class:`Snapshot` records (the recorder
     creates the directory the same way and writes its snapshots from :mod:`recorder.writer`)."""
 
-    def __init__(self, path: str | os.PathLike, spec: RunSpec, inputs: torch.Tensor, targets: torch.Tensor):
+    def __init__(self, path: str | os.PathLike, spec: RunSpec, inputs: Inputs, targets: torch.Tensor):
         create_run_dir(path, spec, inputs, targets)
         self.path = Path(path)
         self._trajectory = TrajectoryWriter(path)

@@ -55,6 +55,10 @@ class TrajectoryWriter:
     """Adds snapshot files and metrics rows to the run directory ``path``; :meth:`commit` makes
     them durable and lists the new snapshots in ``manifest.json``.
 
+    ``complete``: the manifest's ``"complete"`` field, for a recording: False while it is being
+    written, True once :meth:`finish` says training finished (a manifest without the field, as
+    runs written before it existed, counts as complete); None writes no field.
+
     A snapshot is listed only once its file is on disk, so a crash, even of the machine, leaves
     only complete, listed snapshots. Committing several snapshots at once costs one round of
     fsyncs (the recorder's writer process commits once a second, on a thread of its own, so
@@ -63,17 +67,30 @@ class TrajectoryWriter:
     re-encoding of every entry.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, complete: bool | None = None):
         self.path = Path(path)
+        self.complete = complete
         self.steps: list[int] = []  # written, listed or not
         self._listed: list[str] = []  # each listed entry's JSON
         self._unlisted: list[dict[str, Any]] = []  # written, not yet durable
         self._rows_unsynced = False
 
-    def write_manifest(self) -> None:
-        body = ",\n  ".join(self._listed)
-        text = f'{{"format": {FORMAT_VERSION}, "snapshots": [\n  {body}\n]}}\n'
+    @property
+    def listed(self) -> int:
+        """How many snapshots ``manifest.json`` lists (as written to disk by this writer)."""
+        return len(self._listed)
+
+    def write_manifest(self, listed: list[str] | None = None) -> None:
+        """Write ``manifest.json`` listing ``listed`` (entries' JSON; default: those listed so far)."""
+        body = ",\n  ".join(self._listed if listed is None else listed)
+        complete = "" if self.complete is None else f', "complete": {json.dumps(self.complete)}'
+        text = f'{{"format": {FORMAT_VERSION}{complete}, "snapshots": [\n  {body}\n]}}\n'
         atomic_write_bytes(self.path / "manifest.json", text.encode())
+
+    def finish(self) -> None:
+        """Mark the recording complete in ``manifest.json`` (after the last :meth:`commit`)."""
+        self.complete = True
+        self.write_manifest()
 
     def add_snapshot(
         self,
@@ -135,5 +152,6 @@ class TrajectoryWriter:
         for entry in entries:
             fsync_path(self.path / entry["file"])
         fsync_path(self.path / "snapshots")  # the renames
-        self._listed += [json.dumps(entry, sort_keys=True) for entry in entries]
-        self.write_manifest()
+        listed = self._listed + [json.dumps(entry, sort_keys=True) for entry in entries]
+        self.write_manifest(listed)
+        self._listed = listed  # only once on disk: a failed write lists nothing new
