@@ -227,7 +227,7 @@ def _refuse_unread_settings(ctx: click.Context, rule_name: str) -> None:
     """A usage error for an update setting given on the command line that the rule ``rule_name``
     does not read (it would change nothing)."""
     from replay.config import UpdateConfig
-    from replay.updates import RULES
+    from replay.rules import RULES
 
     rule, option = RULES[rule_name], {p.name: p.opts[0] for p in ctx.command.get_params(ctx)}
     for f in dataclasses.fields(UpdateConfig):
@@ -370,7 +370,8 @@ def _class_list(ctx: click.Context, param: click.Parameter, value: str | None) -
     "--measure",
     "measures",
     multiple=True,
-    help="A stored measure to cluster on (repeatable) [default: every stored measure].",
+    help="A stored measure to cluster on, or ntk for the stored neural tangent kernel (a replay with "
+    "--ntk; cosine-normalised) (repeatable) [default: every stored measure, and ntk where stored].",
 )
 @click.option(
     "--classes",
@@ -403,9 +404,10 @@ def cluster(
 ) -> None:
     """He & Su's clustering of the probes of two or more classes on S_rel, at every snapshot.
 
-    Kernel K-means and spectral clustering on the symmetrised S_rel beside K-means on the probes'
-    inputs and on their principal components; writes clustering.json and clustering.png (and,
-    when the store holds linear and a finite measure of the same norm, the linearisation gap:
+    Kernel K-means and spectral clustering on the symmetrised S_rel (and on the cosine-normalised
+    neural tangent kernel of a replay with --ntk) beside K-means on the probes' inputs and on
+    their principal components; writes clustering.json and clustering.png (and, when the store
+    holds linear and a finite measure of the same norm, the linearisation gap:
     <store>_linearisation.png and .json) into RUN_DIR/analysis. The probes' classes are the run's
     probe_classes where it stores them (digits-pairs: the digits), else the probe targets.
     """
@@ -454,7 +456,7 @@ def demo(out_dir: Path) -> None:
 
 def _bench_options() -> list[click.Option]:
     from replay.config import ReplayConfig, UpdateConfig
-    from replay.updates import RULES
+    from replay.rules import RULES
 
     update, resources = ({f.name: f for f in dataclasses.fields(c)} for c in (UpdateConfig, ReplayConfig))
     return [

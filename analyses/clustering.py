@@ -15,6 +15,16 @@ the probes of the chosen classes, the affinity is He & Su's symmetrised ``A = (S
   with negative entries set to 0 (an affinity is non-negative; of the stored measures only
   ``seed_kl`` can be negative).
 
+A store replayed with ``--ntk`` also offers the similarity :data:`KERNEL` (``ntk``): the empirical
+neural tangent kernel ``K`` ``[P, P]``, ``K[i, j] = sum_c <df_c(x_i)/dw, df_c(x_j)/dw>``, an inner
+product of the probes' gradients, positive semi-definite already. Its raw values grow with the
+gradients' norms, which differ by orders of magnitude between probes and would split them by
+size; both methods therefore take its cosine-normalised form ``K[i, j] / sqrt(K[i, i] K[j, j])``
+(the cosine of the two probes' gradients, :func:`normalised_kernel`), still positive
+semi-definite: kernel K-means uses it as it is (only rounding makes an eigenvalue negative),
+spectral clustering with its negative entries set to 0. A probe whose gradient is zero has no
+cosine: that snapshot's accuracy is NaN.
+
 Baselines, from the run's probe inputs (flattened): K-means on the inputs, and on their first
 ``pca_components`` principal components (He & Su: 100 of MNIST's 784 pixels).
 
@@ -50,6 +60,7 @@ from recorder.rundir.run import RunDir
 from replay.store import store_paths
 
 METHODS = {"kernel_kmeans": "kernel K-means", "spectral": "spectral"}  # on the similarity
+KERNEL = "ntk"  # the stored kernel as a similarity, beside the measures
 BASELINES = {"kmeans_raw": "K-means, raw inputs", "kmeans_pca": "K-means, PCA of the inputs"}
 N_INIT = 10  # starts of every K-means
 PCA_COMPONENTS = 10
@@ -90,6 +101,27 @@ def spectral(affinity: np.ndarray, k: int, seed: int) -> np.ndarray:
         return model.fit_predict(np.clip(affinity, 0, None))
 
 
+def normalised_kernel(kernel: np.ndarray) -> np.ndarray:
+    """The cosine-normalised ``K[i, j] / sqrt(K[i, i] K[j, j])`` ``[..., N, N]`` of the positive
+    semi-definite ``kernel`` ``[..., N, N]`` (symmetrised against rounding); not finite in the rows
+    and columns of a zero diagonal entry."""
+    K = (kernel + np.swapaxes(kernel, -1, -2)) / 2
+    norms = np.sqrt(np.diagonal(K, axis1=-2, axis2=-1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return K / (norms[..., :, None] * norms[..., None, :])
+
+
+def similarities(result: ReplayResult, name: str, index: np.ndarray) -> np.ndarray:
+    """``[S, N, N]`` the similarity ``name`` of the store ``result`` between its probes ``index``
+    ``[N]`` at every done snapshot: the symmetrised measure, or the normalised kernel
+    (:data:`KERNEL`; see the module docstring)."""
+    if name == KERNEL:
+        assert result.ntk is not None  # offered only when stored
+        return normalised_kernel(result.ntk.read()[:, index[:, None], index])
+    S = result.measures[name].read()[:, index[:, None], index]
+    return (S + S.transpose(0, 2, 1)) / 2
+
+
 def kmeans_inputs(inputs: np.ndarray, k: int, seed: int, components: int | None = None) -> np.ndarray:
     """K-means of ``inputs`` ``[N, d]`` into ``k`` clusters, on their first ``components`` principal
     components where given: labels ``[N]``."""
@@ -106,7 +138,8 @@ class Clustering:
         store: the store's name; update: its update rule.
         classes: the class labels clustered; num_probes: how many probes they have.
         steps: ``[S]`` training step of each done snapshot.
-        accuracy: measure -> method (:data:`METHODS`) -> ``[S]`` (NaN where ``S`` is not finite).
+        accuracy: similarity (a measure or :data:`KERNEL`) -> method (:data:`METHODS`) -> ``[S]``
+            (NaN where the similarity is not finite).
         baselines: name (:data:`BASELINES`) -> accuracy; pca_components: the PCA's components.
     """
 
@@ -158,7 +191,8 @@ def cluster_store(
     seed: int = 0,
 ) -> Clustering:
     """Cluster the probes of ``classes`` (default: every class) of the store ``result`` on each of
-    ``measures`` (default: every stored one) at every done snapshot, and their ``inputs`` ``[P, d]``."""
+    ``measures`` (stored measures, or :data:`KERNEL` for the stored kernel; default: every one the
+    store holds) at every done snapshot, and their ``inputs`` ``[P, d]``."""
     truth = probe_classes(result)
     available = sorted(int(c) for c in np.unique(truth))
     chosen = list(available if classes is None else dict.fromkeys(classes))
@@ -166,9 +200,11 @@ def cluster_store(
         raise ResultsError(
             f"{result.path}: choose at least two of the probe classes {available}, not {chosen}"
         )
-    unknown = [m for m in measures or () if m not in result.measure_names]
+    stored = [*result.measure_names, *([KERNEL] if result.ntk is not None else [])]
+    unknown = [m for m in measures or () if m not in stored]
     if unknown:
-        raise ResultsError(f"{result.path}: no measure {unknown}; it holds {', '.join(result.measure_names)}")
+        hint = f" (a replay with --ntk stores {KERNEL})" if KERNEL in unknown else ""
+        raise ResultsError(f"{result.path}: no measure {unknown}; it holds {', '.join(stored)}{hint}")
     if len(inputs) != len(truth):
         raise ResultsError(f"{result.path}: {len(truth)} probes in the store, {len(inputs)} in the run")
     index = np.flatnonzero(np.isin(truth, chosen))
@@ -177,9 +213,8 @@ def cluster_store(
     # matrices of a few hundred rows: BLAS and OpenMP threads cost more than they gain, most of
     # all on a busy machine
     with threadpool_limits(1):
-        for m in measures or result.measure_names:
-            S = result.measures[m].read()[:, index[:, None], index]  # [S, N, N]
-            A = (S + S.transpose(0, 2, 1)) / 2
+        for m in measures or stored:
+            A = similarities(result, m, index)
             accuracy[m] = {
                 method: np.array(
                     [
@@ -261,7 +296,7 @@ def plot_clustering(clustering: Clustering, path: Path) -> Path:
         ylim=(min(chance, 0.5) - 0.02, 1.02),
     )
     classes = " vs ".join(map(str, c.classes))
-    title = f"{c.store}: clustering classes {classes} ({c.num_probes} probes) on each S_rel"
+    title = f"{c.store}: clustering classes {classes} ({c.num_probes} probes) on each similarity"
     return plot_overlay_grid([row], path, title)
 
 

@@ -4,7 +4,8 @@
 Each function writes its PNG files into ``out`` and returns one entry per file:
 ``{"file", "caption", "section"}``, ``file`` relative to ``out`` and ``section`` where the report
 shows it: ``key`` (first: the measures compared in each store, the stores compared, a regression's
-trajectory and phases), ``classpairs`` (the class-pair grids, folded) or ``training``.
+trajectory and phases), ``classpairs`` (the class-pair grids, folded), ``modules`` (where elasticity
+lives: :func:`module_figure`) or ``training``.
 """
 
 from __future__ import annotations
@@ -14,13 +15,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from matplotlib.lines import Line2D
 
 from analyses.curves import MeasureCurves, nan_mean
 from analyses.groups import band
+from analyses.modules import KINDS, ModuleShares
 from analyses.phases import MIN_SIZE, Phases
 from analyses.plots import (
+    STEP_LABEL,
     BandPanel,
     OverlayRow,
+    _figure,
+    _figure_legend,
+    _series_colours,
     plot_band_panels,
     plot_class_pairs,
     plot_overlay_grid,
@@ -51,7 +58,7 @@ def store_figures(
     for regression, the trajectory and the phases of every measure."""
     if not analysis:
         return []
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", store)
+    stem = _stem(store)
     runs = len(next(iter(analysis.values())).runs.runs)
     over = f" (mean over {runs} runs)" if runs > 1 else ""
     figures = []
@@ -138,6 +145,37 @@ def comparison_figure(
     return [{"file": "comparison.png", "caption": caption, "section": "key"}]
 
 
+def module_figure(shares: ModuleShares, out: Path) -> list[Figure]:
+    """``<store>_modules.png``: each module's share of the first-order change over training, one
+    panel for same-class pairs and one for cross-class pairs; a module keeps its colour in both,
+    the total (the ``linear`` measure's class-pair mean) is dashed."""
+    file = f"{_stem(shares.store)}_modules.png"
+    over = f" (mean over {shares.runs} runs)" if shares.runs > 1 else ""
+    title = f"{shares.store}: where the first-order change comes from, module by module{over}"
+    labels = [f"module {m}" for m in shares.modules]
+    colours = _series_colours(labels)
+    total: dict[str, Any] = {"color": "black", "linestyle": "--"}
+    with _figure(out / file, title, len(KINDS), legend=True) as (fig, axes):
+        for (kind, pairs), ax in zip(KINDS.items(), axes, strict=True):
+            for label, y in zip(labels, shares.share(kind).T, strict=True):
+                ax.plot(shares.steps, y, marker=".", markersize=3, color=colours[label])
+            ax.plot(shares.steps, shares.total(kind), **total)
+            ax.axhline(0, color="grey", linestyle=":")
+            ax.set_title(pairs)
+            ax.set_xlabel(STEP_LABEL)
+            ax.set_ylabel("share of the change (1: self change)")
+        handles = [Line2D([], [], color=c, marker=".") for c in colours.values()] + [Line2D([], [], **total)]
+        _figure_legend(fig, handles, [*labels, "all modules (= linear)"])
+    selfs = "self pairs included" if shares.include_self else "self pairs excluded"
+    runs = f", mean over {shares.runs} runs" if shares.runs > 1 else ""
+    caption = (
+        f"{shares.store}: how much each module moves the probes of the updated probe's class (same-class "
+        f"pairs) and of other classes (cross-class pairs), in units of the updated probe's own change "
+        f"({selfs}{runs})"
+    )
+    return [{"file": file, "caption": caption, "section": "modules"}]
+
+
 def training_figure(series: dict[str, dict[str, Series]], title: str, out: Path) -> list[Figure]:
     """``training.png`` from the series of :func:`analyses.training.training_series` (nothing
     when there is none)."""
@@ -155,3 +193,8 @@ def class_names(result: ReplayResult, extra: dict[str, Any]) -> list[str] | None
     names = [str(c) for c in result.classes]
     given = extra.get("class_names") or []
     return [f"{c} ({n})" for c, n in zip(names, given, strict=True)] if len(given) == len(names) else names
+
+
+def _stem(store: str) -> str:
+    """The store's name as the start of a file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", store)

@@ -2,7 +2,8 @@
 
 The page opens with the state of the stores (replayed in part, skipped) and the headline
 sentences (:mod:`analyses.headline`), then a table of contents, the key figures (the measures
-compared, the stores compared, a regression's phases) and the summary tables; the class-pair
+compared, the stores compared, a regression's phases), the summary tables and, for stores
+replayed with ``--module-split``, where elasticity lives (:mod:`analyses.modules`); the class-pair
 grids, the per-class tables, the training and the configurations follow folded
 (``<details>``). The figures are embedded as base64 PNG data; the page needs no other file.
 """
@@ -16,6 +17,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from analyses.modules import describe
 from analyses.tables import (
     COMPARISON_HEADER,
     PAPER_NOTE,
@@ -103,7 +105,7 @@ def _sections(summary: dict[str, Any], out_dir: Path) -> list[Section]:
     """Every section, in page order (empty ones are left out by the caller)."""
     figures = {
         section: [f for f in summary["figures"] if f.get("section", "key") == section]
-        for section in ("key", "classpairs", "training")
+        for section in ("key", "classpairs", "modules", "training")
     }
     sections = [
         Section("key-figures", "Key figures", _figures(figures["key"], out_dir)),
@@ -118,6 +120,9 @@ def _sections(summary: dict[str, Any], out_dir: Path) -> list[Section]:
     if phases:
         table = _table(PHASES_HEADER, phases) + _note(PHASES_NOTE)
         sections.append(Section("phases", "Elastic-to-inelastic transition", table))
+    sections.append(
+        Section("modules", "Where elasticity lives", _modules(summary, figures["modules"], out_dir))
+    )
     count = len(figures["classpairs"])
     sections.append(
         Section(
@@ -147,6 +152,38 @@ def _sections(summary: dict[str, Any], out_dir: Path) -> list[Section]:
     sections.append(Section("training", "Training", body, folded=True))
     sections.append(Section("configuration", "Configuration", _configuration(summary), folded=True))
     return sections
+
+
+MODULES_HEADER = ("module", "same-class share", "cross-class share", "same-class part", "cross-class part")
+MODULES_NOTE = (
+    "Each module's share of the first-order change J_j U_i of a probe j when the network is updated "
+    "on a probe i, projected on the whole change and in units of i's own change; the shares of the "
+    "modules add up to the linear measure. Same-class: the mean over the pairs of one class, "
+    "cross-class: over the pairs of two classes. The part of a module is its share over the total "
+    "(negative: the module's change points against the whole change)."
+)
+
+
+def _modules(summary: dict[str, Any], figures: list[dict[str, str]], out_dir: Path) -> str:
+    """Per store with module shares: a sentence, the final snapshot's table; then the figures."""
+    parts = []
+    for store_name, store in summary["stores"].items():
+        if "modules" not in store:
+            continue
+        m = store["modules"]
+        columns = ("same_class", "cross_class", "same_class_fraction", "cross_class_fraction")
+        rows = [[name, *(fmt(m[c][k]) for c in columns)] for k, name in enumerate(m["modules"])]
+        total = [m["total"][c] for c in columns[:2]]
+        rows.append(
+            ["all modules (= linear)", *map(fmt, total), *(fmt(None if t is None else 1.0) for t in total)]
+        )
+        parts.append(
+            f"<h3>{escape(store_name)}, step {m['step']}</h3><p>{escape(describe(m))}</p>"
+            + _table(MODULES_HEADER, rows)
+        )
+    if not parts:
+        return ""
+    return "\n".join(parts) + _note(MODULES_NOTE) + _figures(figures, out_dir)
 
 
 def _configuration(summary: dict[str, Any]) -> str:

@@ -18,7 +18,10 @@ Per snapshot:
 - **change gap** ``sqrt(sum (F - L)^2) / sqrt(sum F^2)`` over every pair of the resolved rows (self
   pairs included): the relative difference between the sizes of the exact and first-order
   changes. As ``| ||a|| - ||b|| | <= ||a - b||``, it is a lower bound of the relative gap between
-  the changes themselves, ``||D - J U||_F / ||D||_F``, which needs the change vectors (not stored);
+  the changes themselves, ``||D - J U||_F / ||D||_F``;
+- **vector gap** (a store that holds ``linearisation_gap``, written by replay from the change
+  vectors themselves): the median and the largest over updated probes ``i`` of
+  ``||D[i] - J U_i|| / ||D[i]||`` (over every observed probe and output);
 - **measure gap** ``||S_f - S_l||_F / ||S_f||_F`` over the pairs ``i != j``: what is left of the
   change gap in S_rel, where each row is divided by its own self change (a gap common to a row
   cancels);
@@ -27,6 +30,7 @@ Per snapshot:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +74,8 @@ class LinearisationGap:
         measure_gap: ``[S]`` relative gap of the measures.
         resolved: ``[S]`` share of the rows whose numerators were recovered (both measures).
         error_estimate: ``[S]`` the store's estimated relative error of its measures.
+        vector_gap, vector_gap_max: ``[S]`` the median and the largest gap of the change vectors
+            over updated probes (NaN for a store without ``linearisation_gap``).
     """
 
     store: str
@@ -79,6 +85,8 @@ class LinearisationGap:
     measure_gap: np.ndarray
     resolved: np.ndarray
     error_estimate: np.ndarray
+    vector_gap: np.ndarray
+    vector_gap_max: np.ndarray
 
     def to_json(self) -> dict[str, Any]:
         return to_json(
@@ -90,6 +98,8 @@ class LinearisationGap:
                 "measure_gap": self.measure_gap,
                 "resolved": self.resolved,
                 "error_estimate": self.error_estimate,
+                "vector_gap": self.vector_gap,
+                "vector_gap_max": self.vector_gap_max,
             }
         )
 
@@ -99,9 +109,14 @@ class LinearisationGap:
         at = ", ".join(
             f"step {self.steps[s]}: {self.change_gap[s]:.2g} / {self.measure_gap[s]:.2g}" for s in picks
         )
+        vectors = ""
+        if np.isfinite(self.vector_gap).any():
+            vectors = "; change vectors, median over probes: " + ", ".join(
+                f"step {self.steps[s]}: {self.vector_gap[s]:.2g}" for s in picks
+            )
         return (
-            f"linearisation gap of {self.store} ({self.finite} against linear), change sizes / S_rel: {at} "
-            f"(measures' estimated error up to {np.nanmax(self.error_estimate, initial=0):.1g})"
+            f"linearisation gap of {self.store} ({self.finite} against linear), change sizes / S_rel: {at}"
+            f"{vectors} (measures' estimated error up to {np.nanmax(self.error_estimate, initial=0):.1g})"
         )
 
 
@@ -113,7 +128,7 @@ def linearisation_gap(result: ReplayResult) -> LinearisationGap | None:
         return None
     S_f, S_l = result.measures[finite].read(), result.measures["linear"].read()  # [S, P, P]
     eps = float(result.config.get("ratio_eps", 0.0))
-    own = stored_self_changes(result)
+    own, vectors = stored_self_changes(result), stored_vector_gaps(result)  # [S, P] the latter
     F, L = (
         numerators(S, eps, own.get(m), from_diagonal=result.dtype == "float64")
         for m, S in ((finite, S_f), ("linear", S_l))
@@ -131,7 +146,26 @@ def linearisation_gap(result: ReplayResult) -> LinearisationGap | None:
         measure_gap=measure,
         resolved=rows.mean(-1),
         error_estimate=result.error_estimate,
+        vector_gap=_over_probes(np.nanmedian, vectors),
+        vector_gap_max=_over_probes(np.nanmax, vectors),
     )
+
+
+def stored_vector_gaps(result: ReplayResult) -> np.ndarray:
+    """``[S, P]`` the store's ``linearisation_gap`` at its done snapshots (NaN where it has none)."""
+    store = open_store(result.path)
+    done = np.flatnonzero(store.done)
+    if store.linearisation_gap is None:
+        return np.full((len(done), len(store.targets)), np.nan)
+    return np.asarray(store.linearisation_gap.read(done), dtype=np.float64)
+
+
+def _over_probes(statistic: Any, gaps: np.ndarray) -> np.ndarray:
+    """``statistic`` (NaN-ignoring) over the probes of ``gaps`` ``[S, P]`` -> ``[S]``, NaN where a
+    snapshot has none."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: NaN
+        return statistic(gaps, axis=-1)
 
 
 def stored_self_changes(result: ReplayResult) -> dict[str, np.ndarray]:
@@ -153,6 +187,11 @@ def write_linearisation(gap: LinearisationGap, out_dir: str | Path) -> Path:
     out = make_folder(out_dir)
     atomic_write_json(out / f"{gap.store}_linearisation.json", gap.to_json())
     lines = {
+        **(
+            {"change vectors (median over probes)": (gap.steps, gap.vector_gap)}
+            if np.isfinite(gap.vector_gap).any()
+            else {}
+        ),
         "change sizes": (gap.steps, gap.change_gap),
         "S_rel": (gap.steps, gap.measure_gap),
         "measures' estimated error": (gap.steps, gap.error_estimate),

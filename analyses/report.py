@@ -13,6 +13,8 @@ curves are means over runs with bands of one standard deviation. Writes into
 - ``<store>_trajectory.png``: median S_rel over probe pairs with its quartile band (regression);
 - ``<store>_phases.png``: the elastic-to-inelastic transition of each measure (regression, with
   enough snapshots);
+- ``<store>_modules.png``: where elasticity lives, each module's share of the first-order change
+  over training (stores replayed with ``--module-split``, :mod:`analyses.modules`);
 - ``comparison.png``: stores side by side, when there are several (the same measures);
 - ``training.png``: the training curves of ``metrics.jsonl``;
 - ``summary.json``: the numbers (see :func:`analyze`), and ``report.html``: one self-contained
@@ -41,6 +43,7 @@ from analyses.curves import MeasureCurves, nan_mean
 from analyses.groups import RunCurves, band, member_results, run_curves
 from analyses.headline import headline, headline_measure, status_lines
 from analyses.html import render_report
+from analyses.modules import ModuleShares, describe, module_shares
 from analyses.phases import Phases, detect_transition
 from analyses.published import PAPER_MEASURES, PUBLISHED
 from analyses.results import ReplayResult, eps_note
@@ -117,6 +120,9 @@ def analyze(
       ``same_cross_ratio_class_mean`` {mean, median}; for regression ``phases`` {mean: the
       transition of the run-mean trajectory, runs: run -> its transition}
       (:meth:`analyses.phases.Phases.to_json`);
+      ``modules`` (only a store replayed with ``--module-split``): each module's share of the
+      first-order change of same- and cross-class pairs at the final snapshot
+      (:meth:`analyses.modules.ModuleShares.summary`);
     - ``paper`` (None unless the runs come from a preset of :data:`analyses.published.PUBLISHED`):
       ``data``, ``classes``, ``class_names``, ``test_acc`` {ours, std, published, metric: the
       metric of ours, ``train_sample_acc`` where logged (the published one's kind: training
@@ -179,6 +185,9 @@ def analyze(
         analyzed[store] = _store_summary(by_run, {run: runs[run] for run in by_run}, analysis)
     if not analyzed:
         raise ResultsError(f"{path}: no replay store has a snapshot done in every run")
+    shares = {s: x for s in analyzed if (x := module_shares(stores_by_name[s])) is not None}
+    for store, x in shares.items():
+        analyzed[store]["modules"] = x.summary()
 
     comparison = None
     mean_curves = {s: {m: a.runs.mean_curves() for m, a in per.items()} for s, per in curves.items()}
@@ -217,7 +226,7 @@ def analyze(
     with _writing_into(out):
         if figures:
             summary["figures"] = _draw(
-                curves, stores_by_name, mean_curves, drawn, series, spec.extra, out, path.name
+                curves, stores_by_name, mean_curves, drawn, shares, series, spec.extra, out, path.name
             )
         atomic_write_json(out / "summary.json", summary)
         atomic_write_bytes(out / "report.html", render_report(summary, out).encode(), durable=False)
@@ -234,20 +243,29 @@ def _draw(
     stores_by_name: dict[str, dict[str, ReplayResult]],
     mean_curves: dict[str, dict[str, MeasureCurves]],
     drawn: list[str],
+    shares: dict[str, ModuleShares],
     series: dict[str, dict[str, dict[str, Series]]],
     extra: dict[str, Any],
     out: Path,
     name: str,
 ) -> list[dict[str, str]]:
     """Every figure (:mod:`analyses.figures`, imported here: matplotlib only when drawing): of each
-    store, of the ``drawn`` measures stored in several stores side by side, of the training of
-    the run (or group) ``name``."""
-    from analyses.figures import class_names, comparison_figure, store_figures, training_figure
+    store (with its module ``shares`` where it has them), of the ``drawn`` measures stored in
+    several stores side by side, of the training of the run (or group) ``name``."""
+    from analyses.figures import (
+        class_names,
+        comparison_figure,
+        module_figure,
+        store_figures,
+        training_figure,
+    )
 
     figures = []
     for store, analysis in curves.items():
         result = next(iter(stores_by_name[store].values()))
         figures += store_figures(store, result, analysis, class_names(result, extra), drawn, out)
+        if store in shares:
+            figures += module_figure(shares[store], out)
     if len(curves) > 1:
         counts = Counter(m for per_store in mean_curves.values() for m in per_store)
         figures += comparison_figure(mean_curves, [m for m in drawn if counts[m] > 1], out)
@@ -304,6 +322,11 @@ def format_table(summary: dict[str, Any]) -> str:
     )
     lines.append(f"{runs}Self pairs {selfs}. Report: {Path(summary['out_dir']) / 'report.html'}")
     lines += [f"Note: {note}" for note in summary.get("notes", [])]
+    lines += [
+        f"Where elasticity lives, {store}: {describe(s['modules'])}"
+        for store, s in summary["stores"].items()
+        if "modules" in s
+    ]
     lines += summary["status"]
     if summary["headline"]:
         lines += ["", "In short:"] + [f"- {sentence}" for sentence in summary["headline"]]

@@ -96,6 +96,10 @@ class ReplayResult:
         measures: measure name -> ``[S, P, P]`` (row updated on, column observed).
         classpairs: measure name -> stat (``mean``, ``median``) -> ``[S, K, K]`` ``A[a, b]``;
             empty for regression.
+        ntk: ``[S, P, P]`` the empirical neural tangent kernel (a replay with ``--ntk``), or None.
+        module_share: ``[S, M, K, K]`` each module's share of the first-order change, class-pair
+            means (a replay with ``--module-split``, :mod:`analyses.modules`), or None.
+        modules: the ``M`` module names of ``module_share`` (empty without it).
     """
 
     name: str
@@ -117,6 +121,9 @@ class ReplayResult:
     classpairs: dict[str, dict[str, SnapshotArray]]
     arithmetic: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
     eps_dominated: dict[str, np.ndarray] = field(default_factory=dict)
+    ntk: SnapshotArray | None = None
+    module_share: SnapshotArray | None = None
+    modules: tuple[str, ...] = ()
 
     @property
     def is_classification(self) -> bool:
@@ -174,6 +181,9 @@ def load_result(path: str | Path) -> ReplayResult:
             for m, stats in store.classpairs.items()
         },
         arithmetic=store.arithmetic[done_index],
+        ntk=None if store.ntk is None else seen(store.ntk, "ntk"),
+        module_share=None if store.module_share is None else seen(store.module_share, "module_share"),
+        modules=store.modules,
         eps_dominated={
             m: eps_dominated(torch.as_tensor(seen(a, f"self_change/{m}").read()), float(eps)).sum(-1).numpy()
             for m, a in (store.self_change if is_number(eps) else {}).items()

@@ -27,6 +27,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from recorder.models import build_model
+from recorder.rundir.errors import DataError
 from recorder.rundir.spec import ModelSpec
 
 CLASS_MEANS = (1.0, 9.0)
@@ -55,6 +56,8 @@ def stratified_sample(
     index = []
     for c, n in zip(order, counts, strict=True):
         pool = np.flatnonzero(labels == c)
+        if n is not None and n > len(pool):
+            raise DataError(f"{n} examples of class {c} asked for, but it has only {len(pool)}")
         index.append(np.sort(rng.choice(pool, len(pool) if n is None else n, replace=False)))
     return np.concatenate(index)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import torch
 
 STATS = ("mean", "median")
 
@@ -45,3 +46,28 @@ def aggregate(
                 if m.any():
                     out[..., a, b] = fn(S[..., m], axis=-1)
     return out
+
+
+def class_labels(targets: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """The classes of a classification run's probe targets ``[P]``: the index of each probe's
+    class ``[P]`` in the sorted distinct labels, and those labels (the ``K`` axis)."""
+    classes = sorted(int(c) for c in np.unique(targets))
+    position = {c: k for k, c in enumerate(classes)}
+    return np.array([position[int(t)] for t in targets], dtype=np.int64), classes
+
+
+def pair_sums(
+    values: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, num_classes: int, include_self: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums and counts ``[..., K, K]`` (observed class ``a``, updated class ``b``) of the finite
+    ``values`` ``[..., B, P]`` of the updated probes ``rows`` ``[B]`` against every probe, probe
+    classes ``labels`` ``[P]``: one block's part of a class-pair mean (self pairs left out unless
+    ``include_self``)."""
+    onehot = torch.nn.functional.one_hot(labels, num_classes).to(values.dtype)  # [P, K]
+    valid = values.isfinite()
+    if not include_self:
+        valid &= torch.arange(values.shape[-1], device=values.device) != rows[:, None]
+    kept = torch.where(valid, values, 0)
+    sums = torch.einsum("...bp,bk,pa->...ak", kept, onehot[rows], onehot)
+    counts = torch.einsum("...bp,bk,pa->...ak", valid.to(values.dtype), onehot[rows], onehot)
+    return sums, counts

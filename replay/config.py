@@ -6,7 +6,7 @@ store may be resumed with a given configuration.
 
 Every field says in its metadata what it accepts, and the checks and the command line
 (``cli.py``) are built from it: ``help`` (its text), ``choices`` (the accepted values; the
-update rules are those of the registry :data:`replay.updates.RULES`), ``check`` (a predicate and
+update rules are those declared in :data:`replay.rules.RULES`), ``check`` (a predicate and
 what it demands, for values other than None), ``label`` (its name in errors), ``option`` (its
 command-line option, when not ``--<name>``), ``unit`` (``"bytes"``: the command line takes sizes
 such as 512MiB) and, for an :class:`UpdateConfig` setting, ``off`` (the value that leaves it
@@ -22,7 +22,7 @@ from typing import Any
 
 from recorder.rundir.errors import ReplayError
 from recorder.rundir.files import to_json
-from replay.updates import RULES
+from replay.rules import RULES
 
 PRECISIONS = ("float64", "float32", "difference32", "mixed", "auto")
 STRATEGIES = ("auto", "vmap", "loop")
@@ -52,7 +52,7 @@ def _setting(name: str, default: Any, help: str, **metadata: Any) -> Any:
 
 @dataclass(frozen=True)
 class UpdateConfig:
-    """The virtual update ``U(g)`` taken on each probe: a rule of :data:`replay.updates.RULES` and
+    """The virtual update ``U(g)`` taken on each probe: a rule of :data:`replay.rules.RULES` and
     the settings it reads."""
 
     rule: str = field(
@@ -168,8 +168,36 @@ class ReplayConfig:
             "choices": STRATEGIES,
         },
     )
+    ntk: bool = field(
+        default=False,
+        metadata={
+            "help": "Also store the empirical neural tangent kernel ntk[s, i, j] = sum_c <df_c(x_i)/dw, "
+            "df_c(x_j)/dw> (docs/first-order.md)."
+        },
+    )
+    module_split: bool = field(
+        default=False,
+        metadata={
+            "help": "Also store each module's share of the first-order change J_j . U_i as class-pair "
+            "means module_share[s, m, a, b], which sum over modules to the class-pair mean of linear "
+            "(classification runs; docs/first-order.md)."
+        },
+    )
+    only_module: str | None = field(
+        default=None,
+        metadata={
+            "help": "Move only this module's parameters in the virtual step (e.g. 'layers.0'; the "
+            "others held fixed): every measure of the step that perturbs that module alone. "
+            "The store is named <update>.<module> unless --name says otherwise.",
+            "check": (lambda m: bool(re.fullmatch(r"[A-Za-z0-9_.-]+", m)), "a module name such as 'layers.0'"),
+        },
+    )
     name: str | None = field(
-        default=None, metadata={"help": "Store name: RUN_DIR/<name>.zarr (default: the update rule)."}
+        default=None,
+        metadata={
+            "help": "Store name: RUN_DIR/<name>.zarr (default: the update rule, with '.<module>' "
+            "under --only-module)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -183,7 +211,8 @@ class ReplayConfig:
 
     @property
     def store_name(self) -> str:
-        return self.name or self.update.rule
+        default = self.update.rule + (f".{self.only_module}" if self.only_module else "")
+        return self.name or default
 
     @property
     def storage_dtype(self) -> str:
@@ -200,6 +229,9 @@ class ReplayConfig:
             "ratio_eps": self.ratio_eps,
             "include_self": self.include_self,
             "tolerance": self.tolerance,
+            "ntk": self.ntk,
+            "module_split": self.module_split,
+            "only_module": self.only_module,
         }
 
     def to_json(self) -> dict[str, Any]:

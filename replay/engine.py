@@ -43,7 +43,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from recorder.losses import per_sample_loss
@@ -55,8 +55,10 @@ from recorder.rundir.spec import RunSpec
 from replay.batching import BATCHINGS, Loop, Vmap
 from replay.changes import Difference, OutputChanges, Propagation
 from replay.check import EXACT, ErrorCheck, Kept, amplification, gradient_rounding, sensitivity
+from replay.classpairs import class_labels, pair_sums
 from replay.config import ReplayConfig
 from replay.difference import BaseState, ChangePropagator
+from replay.firstorder import TangentKernel, module_shares, modules_of, output_gradients
 from replay.grads import block_updates, network_dtype, per_sample_grads, update_norms
 from replay.measures import EPS_SHARE, eps_dominated, evaluate_with_self, needs, resolve_measures
 from replay.plan import (
@@ -102,6 +104,9 @@ class SnapshotResult:
     arithmetic: str = ""  # the arithmetic that computed it (``auto``: the one it settled on)
     fallback: int = 0  # 1 + the index of its note in FALLBACK_NOTES where it fell back, else 0
     self_change: dict[str, Tensor] = field(default_factory=dict)  # name -> [R]
+    ntk: Tensor | None = None  # [P, P] the empirical NTK (``ntk`` configured)
+    linearisation_gap: Tensor | None = None  # [R] ||D[i] - J U_i|| / ||D[i]|| (finite and linear measured)
+    module_share: Tensor | None = None  # [M, K, K] class-pair means of the module shares (``module_split``)
 
 
 @functools.cache
@@ -164,6 +169,12 @@ class _Pass:
     amplification: list[Tensor] = field(default_factory=list)  # [B] a block
     measures: dict[str, list[Tensor]] = field(default_factory=dict)  # name -> [B, P] a block
     self_change: dict[str, list[Tensor]] = field(default_factory=dict)  # name -> [B] a block
+    kernel: TangentKernel | None = None  # the snapshot's tangent kernel, where it is used
+    kernel_parts: Tensor | None = None  # [M, B, P, C] the block's module parts of J_j . U_i, by the kernel
+    ntk: list[Tensor] = field(default_factory=list)  # [B, P] a block
+    gap: list[Tensor] = field(default_factory=list)  # [B] a block: the linearisation gap of its rows
+    share_sums: Tensor | None = None  # [M, K, K] sums of the module shares over the blocks so far
+    share_counts: Tensor | None = None  # [M, K, K] how many pairs they sum
 
     def outputs(self) -> Tensor:
         """``base``, which :meth:`Engine._start` or the first block (:meth:`Engine._block`) gives."""
@@ -197,6 +208,8 @@ class Engine:
             _retain_freed_memory()
         self.model = build_model(spec.model).eval().to(self.device)
         self.frozen = frozen_names(self.model, spec.extra)
+        if config.only_module is not None:
+            self.frozen |= _outside(self.model, self.frozen, config.only_module)
         self.inputs, self.targets = inputs, targets
         self.num_probes = num_probes(inputs)
         self.budget = config.memory_budget or default_memory_budget(self.device)
@@ -215,6 +228,7 @@ class Engine:
         self._eps_warned = False  # whether a snapshot's self changes were found dominated by eps
         self.arithmetic, self.fallback = self.precision.first, self.precision.fallback
         self.strategy = choose_strategy(config.strategy, self.device.type, self.facts, self.num_probes)
+        self.kernel_linear = False  # until decided below: the vmap trial covers the jvp too
         if config.strategy == "auto" and self.strategy == Vmap.name and (problem := self._vmap_problem()):
             warnings.warn(
                 f"the model cannot run under vmap ({problem}); probes are processed one at a time",
@@ -223,6 +237,14 @@ class Engine:
             )
             self.strategy = Loop.name
         self.batching = BATCHINGS[self.strategy]
+        self.labels = (
+            torch.from_numpy(class_labels(targets.numpy())[0]).to(self.device)
+            if spec.task == "classification"
+            else None
+        )  # [P] class index of each probe
+        self.kernel = self._uses_kernel()
+        self.kernel_linear = self.kernel and self.gradient_scale is not None
+        self.modules = modules_of(self._trainable()) if config.module_split else ()
         self.check = ErrorCheck(
             self.model,
             self.propagator,
@@ -254,15 +276,45 @@ class Engine:
             return f"{type(e).__name__}: {first[:100]}{'...' if len(first) > 100 else ''}"
         return None
 
+    def _trainable(self) -> list[str]:
+        return [k for k, _ in self.model.named_parameters() if k not in self.frozen]
+
+    def _uses_kernel(self) -> bool:
+        """Whether snapshots compute a tangent kernel (:mod:`replay.firstorder`): for ``ntk`` and
+        ``module_split``, and for ``linear`` under an update proportional to the gradient, where it
+        fits the memory budget (found from the kernel of the first probes at the model's initial
+        weights). Raises :class:`ReplayError` where ``ntk`` or ``module_split`` cannot fit or apply."""
+        config = self.config
+        wanted = config.ntk or config.module_split
+        if config.module_split and self.labels is None:
+            raise ReplayError("module_split needs a classification run: its shares are class-pair means")
+        if not wanted and not (self.gradient_scale is not None and any(m.linear for m in self.measures)):
+            return False
+        count = min(2, self.num_probes)
+        trainable = set(self._trainable())
+        params = {k: cast(v.detach(), self.device, torch.float64) for k, v in self.model.named_parameters()}
+        buffers = {k: cast(v, self.device, torch.float64) for k, v in self.model.named_buffers()}
+        buffers |= {k: params.pop(k) for k in list(params) if k not in trainable}
+        x = cast(take(self.inputs, slice(0, count)), self.device, torch.float64)
+        plan = TangentKernel(self.model, params, buffers, x, self.strategy, materialise=False)
+        needed = plan.bytes_for(self.num_probes)
+        if needed <= self.budget:
+            return True
+        if wanted:
+            raise ReplayError(
+                f"the tangent kernel of {self.num_probes} probes (for ntk or module_split) needs about "
+                f"{needed / 2**30:.2f} GiB, above the memory budget of {self.budget / 2**30:.2f} GiB; "
+                "raise --memory-budget or use fewer probes"
+            )
+        return False
+
     @property
     def measure_names(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.measures)
 
     def rows_per_chunk(self, arithmetic: str) -> int:
         """How many updated probes are processed at once within the memory budget, in ``arithmetic``."""
-        return rows_per_chunk(
-            self.facts, self.num_probes, ARITHMETIC[arithmetic], self.strategy, self.budget
-        )
+        return rows_per_chunk(self.facts, self.num_probes, ARITHMETIC[arithmetic], self.strategy, self.budget)
 
     def replay_snapshot(self, snapshot: Snapshot) -> SnapshotResult:
         """All stored quantities of one snapshot (NaN, with a warning, for non-finite weights).
@@ -279,9 +331,10 @@ class Engine:
         # ``auto`` decides per snapshot, from that snapshot alone, so that a resumed or distributed
         # replay gives the same arrays as one uninterrupted process.
         with no_tf32(self.device), _composable_attention():
+            kernel = self._tangent_kernel(snapshot) if self.kernel else None
             try:
                 result = self.precision.settle(
-                    lambda arithmetic, fallback: self._evaluate(snapshot, arithmetic, fallback),
+                    lambda arithmetic, fallback: self._evaluate(snapshot, arithmetic, fallback, kernel),
                     lambda result, kept: self._estimate(snapshot, result, kept),
                 )
             except ReplayError:
@@ -289,7 +342,7 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - whatever the model's operations raise there
                 if self.arithmetic == EXACT:
                     raise
-                result = self._exact(where, snapshot, e)
+                result = self._exact(where, snapshot, e, kernel)
         self.precision.judge(where, result)
         self._warn_eps(where, result)
         return result
@@ -326,7 +379,15 @@ class Engine:
             updates = self._exact_updates(snapshot, every)
             return self.check.reference(snapshot, every, updates, every, torch.float64)
 
-    def _exact(self, where: str, snapshot: Snapshot, error: Exception) -> SnapshotResult:
+    def _tangent_kernel(self, snapshot: Snapshot) -> TangentKernel:
+        """The tangent kernel of ``snapshot`` over every probe, in float64 (:mod:`replay.firstorder`)."""
+        params, buffers = snapshot_state(self.model, snapshot, self.device, torch.float64, self.frozen)
+        x = cast(self.inputs, self.device, torch.float64)
+        return TangentKernel(self.model, params, buffers, x, self.strategy, budget=self.budget)
+
+    def _exact(
+        self, where: str, snapshot: Snapshot, error: Exception, kernel: TangentKernel | None
+    ) -> SnapshotResult:
         """``snapshot`` as a float64 difference, where its own arithmetic raised ``error``, with a
         warning and the note :data:`FALLBACK_NOTES` ``[0]``."""
         warnings.warn(
@@ -335,7 +396,7 @@ class Engine:
             stacklevel=3,
         )
         with self._looping():
-            evaluated = self._evaluate(snapshot, EXACT)
+            evaluated = self._evaluate(snapshot, EXACT, None, kernel)
             assert evaluated is not None, "without a fallback, a pass runs to its end"
             result, kept = evaluated
             result.error_estimate = self._estimate(snapshot, result, kept)
@@ -372,18 +433,31 @@ class Engine:
             measures={m.name: nan(self.num_probes, self.num_probes) for m in self.measures},
             amplification=nan(self.num_probes),
             self_change={m.name: nan(self.num_probes) for m in self.measures},
+            ntk=nan(self.num_probes, self.num_probes) if self.config.ntk else None,
+            linearisation_gap=nan(self.num_probes) if all(needs(self.measures)) else None,
+            module_share=nan(len(self.modules), *(2 * [self._num_classes()])) if self.modules else None,
         )
 
+    def _num_classes(self) -> int:
+        assert self.labels is not None, "classification"
+        return int(self.labels.max()) + 1
+
     def _evaluate(
-        self, snapshot: Snapshot, arithmetic: Arithmetic, fallback: Arithmetic | None = None
+        self,
+        snapshot: Snapshot,
+        arithmetic: Arithmetic,
+        fallback: Arithmetic | None = None,
+        kernel: TangentKernel | None = None,
     ) -> tuple[SnapshotResult, Kept] | None:
         """Every row of ``snapshot`` in ``arithmetic``, and the updates of the check's rows with the
         largest amplification (none in float64). With a ``fallback`` (one the first block can decide
         on, :func:`replay.precision.predictable`), the first block's updates decide: where
         :func:`~replay.precision.predicted_error` exceeds :data:`AUTO_TARGET`, every row is computed in ``fallback``
         instead, continuing with the gradients and updates already computed where ``fallback`` runs
-        the same blocks (the result is the one ``fallback`` alone gives); else None: start afresh."""
+        the same blocks (the result is the one ``fallback`` alone gives); else None: start afresh.
+        ``kernel``: the snapshot's tangent kernel, where the engine uses one (:meth:`_uses_kernel`)."""
         run = self._start(snapshot, arithmetic)
+        run.kernel = kernel
         snapshot = record_on_device(self.config.update, snapshot, self.device, arithmetic.fast)
         predict = fallback is not None and needs(self.measures)[0]
         for chunk in run.chunks:
@@ -404,6 +478,7 @@ class Engine:
             del grads
             if run.changes is None:
                 run.changes = self._changes(run)
+            self._first_order(snapshot, run, chunk)
             self._measure(run, run.changes, chunk, updates, norms)
         return self._result(run), run.kept
 
@@ -524,11 +599,59 @@ class Engine:
         self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Inputs, base: Tensor | None
     ) -> Difference:
         """A :class:`~replay.changes.Difference` of the model with what the measures need."""
-        return Difference(self.model, params, buffers, x, base, *needs(self.measures))
+        return Difference(self.model, params, buffers, x, base, *self._needs())
 
     def _propagation(self, nodes: BaseState, dtype: torch.dtype) -> Propagation:
         """A :class:`~replay.changes.Propagation` of the model with what the measures need."""
-        return Propagation(self._propagator(), nodes, dtype, *needs(self.measures))
+        return Propagation(self._propagator(), nodes, dtype, *self._needs())
+
+    def _needs(self) -> tuple[bool, bool]:
+        """Whether the passes compute the finite change and the Jacobian-vector product (not where
+        the tangent kernel gives it)."""
+        finite, linear = needs(self.measures)
+        return finite, linear and not self.kernel_linear
+
+    def _first_order(self, snapshot: Snapshot, run: _Pass, chunk: Tensor) -> None:
+        """The tangent kernel's part of the rows ``chunk`` ``[B]``: ``ntk`` rows, the module parts of
+        the first-order change (``run.kernel_parts`` ``[M, B, P, C]``, the linear change where the
+        kernel gives it) and their class-pair sums."""
+        run.kernel_parts = None
+        if run.kernel is None:
+            return
+        kernel, rows = run.kernel, chunk.to(self.device)
+        if self.config.ntk:
+            run.ntk.append(torch.cat([kernel.ntk(r) for r in rows.split(kernel.rows_per_block())]))
+        if not (self.kernel_linear or self.modules):
+            return
+        if self.gradient_scale is not None:
+            grads = self.gradient_scale * output_gradients(
+                self.loss, kernel.outputs, cast(self.targets, self.device, torch.float64)
+            )
+            parts = torch.cat(
+                [
+                    kernel.parts(r, output_grads=grads[r], by_module=bool(self.modules))
+                    for r in rows.split(kernel.rows_per_block())
+                ],
+                dim=1,
+            )
+        else:
+            updates = self._exact_updates(snapshot, chunk)
+            parts = torch.cat(
+                [
+                    kernel.parts(
+                        rows[b], updates={k: u[b] for k, u in updates.items()}, by_module=bool(self.modules)
+                    )
+                    for b in torch.arange(len(rows), device=self.device).split(kernel.rows_per_block())
+                ],
+                dim=1,
+            )
+        run.kernel_parts = parts if self.kernel_linear else None
+        if self.modules:
+            assert self.labels is not None, "module_split: classification"
+            shares = module_shares(parts, rows, self.config.ratio_eps)  # [M, B, P]
+            sums, counts = pair_sums(shares, rows, self.labels, self._num_classes(), self.config.include_self)
+            run.share_sums = sums if run.share_sums is None else run.share_sums + sums
+            run.share_counts = counts if run.share_counts is None else run.share_counts + counts
 
     def _propagator(self) -> ChangePropagator:
         """The model's :class:`ChangePropagator`: only arithmetics that propagate ask for it, and
@@ -546,9 +669,15 @@ class Engine:
         # A probe whose update is exactly zero leaves every output exactly where it was: its
         # row of changes is zero, not the rounding noise of two forward passes.
         moved = norms > 0  # [B]
-        changed = {
-            k: v.to(exact) * moved[:, None, None] for k, v in changes.rows(self.batching, updates).items()
-        }  # [B, P, C]
+        computed = changes.rows(self.batching, updates) if any(self._needs()) else {}
+        if run.kernel_parts is not None:
+            computed["linear"] = run.kernel_parts.sum(0)
+        changed = {k: v.to(exact) * moved[:, None, None] for k, v in computed.items()}  # [B, P, C]
+        if len(changed) == 2:
+            exact_change = changed["finite"].flatten(1)  # [B, P * C]
+            run.gap.append(
+                (exact_change - changed["linear"].flatten(1)).norm(dim=1) / exact_change.norm(dim=1)
+            )
         base, rows, eps = run.outputs(), chunk.to(self.device), self.config.ratio_eps
         measured, selfs = evaluate_with_self(self.measures, base, changed, rows, eps)
         for name, S in measured.items():
@@ -578,8 +707,28 @@ class Engine:
             amplification=torch.cat(run.amplification).cpu(),
             arithmetic=run.arithmetic.name,
             self_change={k: torch.cat(v).cpu() for k, v in run.self_change.items()},
+            ntk=torch.cat(run.ntk).to(run.arithmetic.exact).cpu() if run.ntk else None,
+            linearisation_gap=torch.cat(run.gap).cpu() if run.gap else None,
+            module_share=(
+                (run.share_sums / run.share_counts).to(run.arithmetic.exact).cpu()
+                if run.share_sums is not None and run.share_counts is not None
+                else None
+            ),
         )
 
     def _check_everything(self, keep: int) -> bool:
         """Whether the check of ``keep`` rows covers every probe (:meth:`ErrorCheck.everything`)."""
         return self.check.everything(keep)
+
+
+def _outside(model: nn.Module, frozen: frozenset[str], module: str) -> frozenset[str]:
+    """The trainable parameters of ``model`` outside ``module`` (held fixed where the virtual step
+    moves that module alone); :class:`ReplayError` where ``module`` has no trainable parameter."""
+    trainable = [k for k, _ in model.named_parameters() if k not in frozen]
+    inside = {k for k in trainable if k.startswith(f"{module}.")}
+    if not inside:
+        raise ReplayError(
+            f"module {module!r} has no trainable parameters; the model's modules with some: "
+            f"{', '.join(repr(m) for m in modules_of(trainable))}"
+        )
+    return frozenset(trainable) - inside

@@ -176,6 +176,7 @@ class Precision:
         else:
             rungs = [Rung(self.first, AUTO_TARGET), Rung(self.fallback, AUTO_TARGET), Rung(EXACT, tolerance)]
         self.rungs = tuple(rungs)
+        self._nonfinite_warned = False
 
     def settle(
         self,
@@ -217,7 +218,8 @@ class Precision:
     def judge(self, where: str, result: SnapshotResult) -> None:
         """Refuse a result that an arithmetic other than float64 cannot resolve within the
         tolerance, where the ladder holds no float64 (:class:`ReplayError`); warn of a result of
-        the ladder's best that misses it."""
+        the ladder's best that misses it, and of non-finite measures (:meth:`_warn_nonfinite`)."""
+        self._warn_nonfinite(where, result)
         estimate, tolerance = result.error_estimate, self.tolerance
         exact_tried = any(r.arithmetic == EXACT for r in self.rungs)
         if not exact_tried and not estimate <= tolerance:
@@ -235,3 +237,32 @@ class Precision:
                 ReplayWarning,
                 stacklevel=3,
             )
+
+    def _warn_nonfinite(self, where: str, result: SnapshotResult) -> None:
+        """Warn (one line, at the first such snapshot of the replay only) where a snapshot's
+        measures ``[P, P]`` hold NaN or infinite entries although its weights are finite (the
+        engine gives snapshots with non-finite weights NaN without computing them): the updates
+        or the output changes overflowed. Rows whose self change is zero (``0 / 0`` under a
+        ``ratio_eps`` of 0) do not count."""
+        if self._nonfinite_warned:
+            return
+        bad = {}  # measure -> its non-finite entries outside rows of zero self change
+        for name, S in result.measures.items():
+            own = result.self_change.get(name)
+            rows = S if own is None or len(own) == 0 else S[own != 0]
+            count = int((~rows.isfinite()).sum())
+            if count:
+                bad[name] = count
+        if not bad:
+            return
+        self._nonfinite_warned = True
+        name, count = next(iter(bad.items()))
+        warnings.warn(
+            f"{where}: the weights are finite but the measures are not ({len(bad)} of "
+            f"{len(result.measures)} measures; {name}: {count} of {result.measures[name].numel()} "
+            f"entries NaN or infinite; largest update norm {result.update_norm.max().item():.3g}): "
+            "most likely a learning rate too large for the update to stay finite; replay with a "
+            "smaller --lr (later snapshots go unreported here)",
+            ReplayWarning,
+            stacklevel=3,
+        )

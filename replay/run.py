@@ -89,7 +89,7 @@ def _replay(run_dir: Path, config: ReplayConfig, ranks: Ranks, progress: bool, s
     listed, budget = ranks.reduce([len(run.manifest), engine.budget], "min")
     entries, engine.budget = run.manifest[: int(listed)], int(budget)
     path = run.path / f"{config.store_name}.zarr"
-    store_args = (path, config, run.spec, entries, targets, engine.measure_names)
+    store_args = (path, config, run.spec, entries, targets, engine.measure_names, engine.modules)
     with ExitStack() as held:
 
         def prepare() -> ReplayStore:

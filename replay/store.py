@@ -22,7 +22,16 @@ measure. Arrays (name: shape, dimension names):
   manifest lists it (NaN where it does not);
 - ``measures/<m>``: ``[S, P, P]`` (snapshot, updated, observed);
 - ``classpairs/<m>/<stat>``: ``[S, K, K]`` (snapshot, observed_class, updated_class), one per stat
-  of :data:`~replay.classpairs.STATS`, classification only.
+  of :data:`~replay.classpairs.STATS`, classification only;
+- ``linearisation_gap``: ``[S, P]`` (snapshot, updated), where the measures hold ``linear`` and a
+  finite one: ``||D[i] - J U_i|| / ||D[i]||`` over every observed probe and output, how far the
+  exact change of an update is from its first-order prediction;
+- ``ntk``: ``[S, P, P]`` (snapshot, probe, other_probe), the empirical neural tangent kernel, where
+  the configuration asks for it (``ntk``);
+- ``module_share``: ``[S, M, K, K]`` (snapshot, module, observed_class, updated_class), the
+  class-pair means of each module's share of the first-order change
+  (:func:`replay.firstorder.module_shares`), where the configuration asks for it
+  (``module_split``); the attribute ``modules`` names the ``M`` modules.
 
 Attributes: ``config``, ``run_spec``, ``dtype``, ``precision``, ``measures``, ``classes`` (the
 ``K`` class labels, null for regression), ``include_self``, ``evaluation_mode`` (``eval``: running
@@ -59,7 +68,7 @@ from recorder.rundir.errors import ReplayError, ReplayWarning, ResultsError
 from recorder.rundir.files import temp_sibling
 from recorder.rundir.snapshot import SnapshotEntry
 from recorder.rundir.spec import RunSpec
-from replay.classpairs import STATS, aggregate
+from replay.classpairs import STATS, aggregate, class_labels
 from replay.config import ReplayConfig
 from replay.crashsafe import damaged_rows, exclusive_writer, flush_to_disk, read_chunkwise, remove_orphans
 from replay.engine import EVALUATION_MODE, FALLBACK_NOTES, SnapshotResult
@@ -116,12 +125,15 @@ def _layout(
     measures: Sequence[str],
     dtype: Any,
     recorded: bool = False,
+    ntk: bool = False,
+    modules: Sequence[str] = (),
 ) -> dict[str, _ArraySpec]:
     """Array name -> :class:`_ArraySpec`: every array of a store (the module docstring's list).
 
     ``targets`` ``[P]`` / ``[P, C]``: the probe targets; no class pairs when ``num_classes`` is 0.
     ``dtype``: the storage dtype name (:func:`_read` passes the attribute as stored: it checks
-    only shapes). ``recorded``: the rule replays the recorded optimizer (``recorded_lr``).
+    only shapes). ``recorded``: the rule replays the recorded optimizer (``recorded_lr``); ``ntk``,
+    ``modules``: the tangent kernel and the module shares of these modules are stored.
     """
     num_probes = len(targets)
     layout = {
@@ -152,6 +164,18 @@ def _layout(
                 layout[_classpair_key(m, stat)] = _ArraySpec(
                     (num_classes, num_classes), dtype, ("snapshot", "observed_class", "updated_class")
                 )
+    if "linear" in measures and len(measures) > 1:
+        layout["linearisation_gap"] = _ArraySpec(
+            (num_probes,), dtype, ("snapshot", "updated"), added_later=True
+        )
+    if ntk:
+        layout["ntk"] = _ArraySpec((num_probes, num_probes), dtype, ("snapshot", "probe", "other_probe"))
+    if modules:
+        layout["module_share"] = _ArraySpec(
+            (len(modules), num_classes, num_classes),
+            dtype,
+            ("snapshot", "module", "observed_class", "updated_class"),
+        )
     return layout
 
 
@@ -173,11 +197,16 @@ class _Plan:
 
     @classmethod
     def make(
-        cls, config: ReplayConfig, spec: RunSpec, targets: torch.Tensor, measures: tuple[str, ...]
+        cls,
+        config: ReplayConfig,
+        spec: RunSpec,
+        targets: torch.Tensor,
+        measures: tuple[str, ...],
+        modules: tuple[str, ...],
     ) -> _Plan:
         targets_np = targets.numpy()
         classification = spec.task == "classification"
-        classes = sorted(int(c) for c in np.unique(targets_np)) if classification else None
+        classes = class_labels(targets_np)[1] if classification else None
         recorded = RULES[config.update.rule].needs_state
         attrs = {
             "config": config.to_json(),
@@ -191,9 +220,19 @@ class _Plan:
             "fallback_notes": list(FALLBACK_NOTES),
             "arithmetics": list(ARITHMETIC),
             **({"recorded_optimizer": spec.optimizer} if recorded else {}),
+            **({"modules": list(modules)} if modules else {}),
         }
         num_classes = len(classes or ())
-        layout = _layout(targets_np, spec.num_outputs, num_classes, measures, config.storage_dtype, recorded)
+        layout = _layout(
+            targets_np,
+            spec.num_outputs,
+            num_classes,
+            measures,
+            config.storage_dtype,
+            recorded,
+            config.ntk,
+            modules,
+        )
         labels = _class_labels(targets_np, classes) if classes is not None else None  # classification
         return cls(attrs, layout, targets_np, labels, num_classes)
 
@@ -225,11 +264,13 @@ class ReplayStore:
         entries: list[SnapshotEntry],
         targets: torch.Tensor,
         measures: tuple[str, ...],
+        modules: tuple[str, ...] = (),
     ) -> ReplayStore:
         """Create the store, or reopen one written with the same configuration for the same run,
         extend it to ``entries`` (the run's manifest) and remove what killed writers left behind.
 
-        ``targets`` ``[P]`` / ``[P, C]``: the run's probe targets. Raises :class:`ReplayError` when
+        ``targets`` ``[P]`` / ``[P, C]``: the run's probe targets; ``modules``: those of the module
+        shares (``module_split``). Raises :class:`ReplayError` when
         ``path`` holds another configuration or another run, is a symbolic link (never written
         through), or cannot be written.
         """
@@ -238,7 +279,7 @@ class ReplayStore:
             raise ReplayError(
                 f"{path}: is a symbolic link; refusing to write through it (choose another --name)"
             )
-        plan = _Plan.make(config, spec, targets, measures)
+        plan = _Plan.make(config, spec, targets, measures, modules)
         try:
             remove_orphans(path)
             if not path.exists():
@@ -261,10 +302,11 @@ class ReplayStore:
         entries: list[SnapshotEntry],
         targets: torch.Tensor,
         measures: tuple[str, ...],
+        modules: tuple[str, ...] = (),
     ) -> ReplayStore:
         """Open a store that :meth:`prepare` has made ready for ``entries``; writes nothing."""
         path = Path(path)
-        plan = _Plan.make(config, spec, targets, measures)
+        plan = _Plan.make(config, spec, targets, measures, modules)
         group = _open_existing(path, plan, config, len(entries))
         done = _array(group, "done")
         if done.shape[0] != len(entries):
@@ -289,6 +331,12 @@ class ReplayStore:
                 a[_measure_key(name)][s] = S.numpy()
             for name, own in result.self_change.items():
                 a[_self_change_key(name)][s] = own.numpy()
+            if result.linearisation_gap is not None:
+                a["linearisation_gap"][s] = result.linearisation_gap.numpy()
+            if result.ntk is not None:
+                a["ntk"][s] = result.ntk.numpy()
+            if result.module_share is not None:
+                a["module_share"][s] = result.module_share.numpy()
             if plan.labels is not None:
                 stacked = np.stack([S.numpy() for S in result.measures.values()])  # [M, P, P]
                 for stat in STATS:
@@ -343,6 +391,10 @@ class StoredReplay:
         classpairs: measure name -> stat -> ``[S, K, K]``; empty for regression.
         self_change: measure name -> ``[S, P]`` (NaN where the store does not say); empty for a
             store written before these arrays existed.
+        linearisation_gap: ``[S, P]``, None where the store has none.
+        ntk: ``[S, P, P]``, None where the store has none.
+        module_share: ``[S, M, K, K]``, None where the store has none.
+        modules: the attribute ``modules``, the ``M`` module names (empty without module shares).
     """
 
     name: str
@@ -363,6 +415,10 @@ class StoredReplay:
     classpairs: dict[str, dict[str, StoredArray]]
     arithmetic: np.ndarray
     self_change: dict[str, StoredArray]
+    linearisation_gap: StoredArray | None = None
+    ntk: StoredArray | None = None
+    module_share: StoredArray | None = None
+    modules: tuple[str, ...] = ()
 
 
 def store_paths(run_dir: str | Path) -> list[Path]:
@@ -407,13 +463,21 @@ def _read(path: Path) -> StoredReplay:
     labels, classes = _class_axis(path, targets, attrs.get("classes"))
     done = group["done"]
     num_stored = done.shape[0] if isinstance(done, zarr.Array) and done.ndim else 0
+    modules = attrs.get("modules", [])
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise ResultsError(f"{path}: attribute 'modules' must be a list of module names")
+    if modules and not classes:
+        raise ResultsError(f"{path}: attribute 'modules' needs classes (module shares are class-pair means)")
+    config = attrs.get("config")
     layout = _layout(
         targets,
         attrs["run_spec"]["num_outputs"],
         len(classes or ()),
         measures,
         attrs.get("dtype"),
-        _replays_recorded(attrs.get("config")),
+        _replays_recorded(config),
+        isinstance(config, dict) and config.get("ntk") is True,
+        modules,
     )
     arrays: dict[str, zarr.Array] = {}  # the layout's arrays, checked
     for name, spec in layout.items():
@@ -450,6 +514,10 @@ def _read(path: Path) -> StoredReplay:
         self_change={
             m: StoredArray(arrays[_self_change_key(m)]) for m in measures if _self_change_key(m) in arrays
         },
+        linearisation_gap=StoredArray(arrays["linearisation_gap"]) if "linearisation_gap" in arrays else None,
+        ntk=StoredArray(arrays["ntk"]) if "ntk" in arrays else None,
+        module_share=StoredArray(arrays["module_share"]) if "module_share" in arrays else None,
+        modules=tuple(modules),
     )
 
 

@@ -1,4 +1,5 @@
-"""Virtual update rules ``U(g)``, for a batch of per-sample gradients at once, and their registry.
+"""Virtual update rules ``U(g)``, for a batch of per-sample gradients at once: each rule's
+arithmetic, bound to its declaration (:mod:`replay.rules`).
 
 An update rule maps the weights ``params`` (name -> ``[*shape]``), per-sample gradients ``grads``
 (name -> ``[B, *shape]``, row ``b`` the gradient of probe ``b`` alone) and the snapshot's
@@ -16,10 +17,12 @@ that the update agrees with a real ``optimizer.step()`` to float rounding:
   decay, amsgrad, maximize), with each parameter's own group hyperparameters. A parameter with
   no state yet steps like a fresh optimizer; one in no parameter group is not updated.
 
-Each rule is one :class:`Rule` in the registry :data:`RULES` (name, settings, how to build it,
-its ``torch.optim`` reference, the check of a recorded optimizer, its capabilities); the
-configuration (:class:`~replay.config.UpdateConfig`), the command line, the benchmark and the
-replay's checks all read it, so a new rule is one more :func:`register` call in this file.
+Each rule is one :class:`Rule` in the registry :data:`RULES`: its declaration (name, help,
+settings, whether it reads the recorded optimizer; :data:`replay.rules.RULES`, read without
+torch by the configuration and the command line) bound by :func:`bind` to how to build it, its
+``torch.optim`` reference, the check of a recorded optimizer and its capabilities. The engine,
+the benchmark and the replay's checks read it; a new rule is one ``declare`` in
+:mod:`replay.rules` and one :func:`bind` here.
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ from torch import Tensor, nn
 from recorder.rundir.errors import ReplayError, RunDirError
 from recorder.rundir.files import is_number
 from recorder.rundir.snapshot import OptimizerRecord, Snapshot
+from replay.rules import RECORDED_OPTIMIZERS, Declaration
+from replay.rules import RULES as DECLARATIONS
 from replay.state import cast
 
-if TYPE_CHECKING:  # replay.config reads the registry: imported for annotations only
+if TYPE_CHECKING:  # replay.config reads the declarations: imported for annotations only
     from replay.config import UpdateConfig
 
 UpdateRule = Callable[[dict[str, Tensor], dict[str, Tensor], OptimizerRecord | None], dict[str, Tensor]]
@@ -49,41 +54,60 @@ OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 class Rule:
     """One update rule of the registry :data:`RULES`.
 
-    - ``name``: its ``UpdateConfig.rule`` (and ``--update``) value; ``help``: what it does, in words;
-    - ``settings``: the :class:`~replay.config.UpdateConfig` fields it reads (the others change
-      nothing it computes, so they stay out of a store's identity);
+    - ``declaration``: its :class:`~replay.rules.Declaration` (``name``, ``help``, ``settings``,
+      ``needs_state``, also read as attributes of the rule);
     - ``build(config)``: the rule as an :data:`UpdateRule`;
     - ``reference(config, record)``: a factory of the real ``torch.optim`` optimizer whose one
       ``step()`` on a model is the rule (the oracle of the tests and the benchmark's loop);
-    - ``check(record, params, where)``: for a rule that reads the snapshot's optimizer record,
-      raise unless ``record`` can drive it on weights ``params`` (name -> ``[*shape]``); None: the
-      rule reads no record;
+    - ``check(record, params, where)``: for a rule that reads the snapshot's optimizer record
+      (``needs_state``), raise unless ``record`` can drive it on weights ``params`` (name ->
+      ``[*shape]``); None: the rule reads no record;
     - ``scale(config)``: ``c`` where the update is the gradient scaled by one number, ``U = c * g``,
       else None; None: never.
     """
 
-    name: str
-    help: str
-    settings: tuple[str, ...]
+    declaration: Declaration
     build: Callable[[UpdateConfig], UpdateRule]
     reference: Callable[[UpdateConfig, OptimizerRecord | None], OptimizerFactory]
     check: Callable[[OptimizerRecord | None, dict[str, Tensor], str], None] | None = None
     scale: Callable[[UpdateConfig], float | None] | None = None
 
     @property
+    def name(self) -> str:
+        return self.declaration.name
+
+    @property
+    def help(self) -> str:
+        return self.declaration.help
+
+    @property
+    def settings(self) -> tuple[str, ...]:
+        return self.declaration.settings
+
+    @property
     def needs_state(self) -> bool:
-        """Whether the rule reads the recorded optimizer (so not on a run, or a benchmark, without one)."""
-        return self.check is not None
+        return self.declaration.needs_state
 
 
-RULES: dict[str, Rule] = {}  # name -> rule, in registration order
+RULES: dict[str, Rule] = {}  # name -> rule, one per declaration of replay.rules, in binding order
 
 
-def register(rule: Rule) -> Rule:
-    """Add ``rule`` to :data:`RULES`."""
-    if rule.name in RULES:
-        raise ValueError(f"update rule {rule.name!r} is registered twice")
-    RULES[rule.name] = rule
+def bind(
+    name: str,
+    build: Callable[[UpdateConfig], UpdateRule],
+    reference: Callable[[UpdateConfig, OptimizerRecord | None], OptimizerFactory],
+    check: Callable[[OptimizerRecord | None, dict[str, Tensor], str], None] | None = None,
+    scale: Callable[[UpdateConfig], float | None] | None = None,
+) -> Rule:
+    """Bind the declaration ``name`` of :data:`replay.rules.RULES` to its arithmetic (the
+    :class:`Rule` fields) and add the rule to :data:`RULES`: a ``check`` exactly for a rule that
+    reads the recorded optimizer."""
+    declaration = DECLARATIONS[name]
+    if name in RULES:
+        raise ValueError(f"update rule {name!r} is bound twice")
+    if (check is not None) != declaration.needs_state:
+        raise ValueError(f"update rule {name!r}: a check of the recorded optimizer exactly when it reads one")
+    RULES[name] = rule = Rule(declaration, build, reference, check, scale)
     return rule
 
 
@@ -200,6 +224,8 @@ _OPTIMIZERS: dict[str, tuple[Callable[..., Tensor], tuple[str, ...]]] = {
     "Adam": (adam_step, _ADAM_KEYS),
     "AdamW": (adam_step, _ADAM_KEYS),
 }
+if tuple(_OPTIMIZERS) != RECORDED_OPTIMIZERS:  # the types the recorded rule's declaration names
+    raise ImportError(f"replay.rules.RECORDED_OPTIMIZERS {RECORDED_OPTIMIZERS} != {tuple(_OPTIMIZERS)}")
 _ADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}  # a parameter's Adam state, when it has one
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")  # shaped like the parameter
 _NUMBERS = ("lr", "eps", "weight_decay", "momentum", "dampening")  # group hyperparameters
@@ -401,39 +427,24 @@ def _adam_fresh(config: UpdateConfig) -> UpdateRule:
     return adam_fresh
 
 
-register(
-    Rule(
-        "sgd",
-        "-lr * (g + weight_decay * w), one step of torch.optim.SGD without momentum",
-        settings=("lr", "weight_decay"),
-        build=_sgd,
-        reference=lambda c, record: (
-            lambda m: torch.optim.SGD(m.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        ),
-        scale=lambda c: -c.lr if c.weight_decay == 0 else None,
-    )
+bind(
+    "sgd",
+    build=_sgd,
+    reference=lambda c, record: (
+        lambda m: torch.optim.SGD(m.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    ),
+    scale=lambda c: -c.lr if c.weight_decay == 0 else None,
 )
-register(
-    Rule(
-        "adam-fresh",
-        "one step of a brand-new torch.optim.Adam, about -lr * g / (|g| + eps): the paper's rule",
-        settings=("lr", "eps", "betas"),
-        build=_adam_fresh,
-        reference=lambda c, record: (
-            lambda m: torch.optim.Adam(m.parameters(), lr=c.lr, betas=c.betas, eps=c.eps)
-        ),
-    )
+bind(
+    "adam-fresh",
+    build=_adam_fresh,
+    reference=lambda c, record: (
+        lambda m: torch.optim.Adam(m.parameters(), lr=c.lr, betas=c.betas, eps=c.eps)
+    ),
 )
-register(
-    Rule(
-        "recorded",
-        f"the training optimizer's own next step from its recorded state ({', '.join(_OPTIMIZERS)})",
-        settings=(),
-        build=lambda config: recorded_update,
-        reference=recorded_optimizer,
-        check=check_record,
-    )
-)
+bind("recorded", build=lambda config: recorded_update, reference=recorded_optimizer, check=check_record)
+if RULES.keys() != DECLARATIONS.keys():  # a declared rule without arithmetic
+    raise ImportError(f"update rules declared but not bound: {sorted(DECLARATIONS.keys() - RULES.keys())}")
 
 
 # ----------------------------------------------------------------------------- the engine's API

@@ -199,3 +199,25 @@ def block_matrix(B, labels):
     S = B[labels[None, :], labels[:, None]].astype(np.float64)
     np.fill_diagonal(S, 1.0)
     return S
+
+
+def autograd_jacobians(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``df_c(x_j)/dw`` ``[P, C, N]`` of ``model`` on probes ``x`` ``[P, ...]`` (every parameter,
+    flattened in order), one probe and one output at a time with plain ``torch.autograd``."""
+    rows = []
+    for j in range(len(x)):
+        out = model(x[j : j + 1])[0]
+        rows.append(
+            torch.stack(
+                [
+                    torch.cat(
+                        [
+                            g.flatten()
+                            for g in torch.autograd.grad(o, list(model.parameters()), retain_graph=True)
+                        ]
+                    )
+                    for o in out
+                ]
+            )
+        )
+    return torch.stack(rows)

@@ -265,6 +265,7 @@ def test_headline_says_whether_same_class_pairs_move_more(tmp_path, same, cross,
     )
 
 
+@pytest.mark.slow
 def test_report_leads_with_headline_and_key_figures_the_rest_folded(tmp_path):
     """Ten classes of five probes, two stores: the demo's shape, with fewer snapshots."""
     run = make_run_dir(tmp_path / "run")

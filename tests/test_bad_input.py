@@ -247,6 +247,7 @@ def replay_without_override(*paths: Path) -> list[str]:
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_read_only_run_directory_or_unreadable_spec(tmp_path):
     read_only, unreadable = (
         make_run(tmp_path / "read_only", steps=(0,)),
@@ -269,6 +270,7 @@ def test_read_only_run_directory_or_unreadable_spec(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_unreadable_run_directory(tmp_path):
     run = make_run(tmp_path / "run", steps=(0,))
     run.chmod(0o000)

@@ -19,6 +19,7 @@ from replay.plan import ARITHMETIC, STRATEGIES
 CPU = torch.device("cpu")
 
 
+@pytest.mark.slow
 def test_bench_case_times_the_loop_the_floor_and_every_plan_and_checks_the_choice():
     row = bench_case(make_case("digits", 10), UpdateConfig("adam-fresh"), CPU, repeats=1, memory_budget=None)
     assert set(row["candidates"]) == {"auto"} | {f"{a}/{s}" for a in ARITHMETIC for s in STRATEGIES}

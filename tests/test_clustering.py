@@ -6,6 +6,7 @@ of real ``torch.optim.SGD`` steps with ``torch.func.jvp``."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 
@@ -16,11 +17,13 @@ from sklearn.cluster import KMeans
 from torch.func import functional_call, jvp
 
 from analyses.clustering import (
+    KERNEL,
     N_INIT,
     cluster_store,
     clustering_accuracy,
     kernel_features,
     kernel_kmeans,
+    normalised_kernel,
     spectral,
 )
 from analyses.linearisation import linearisation_gap, numerators, stored_self_changes
@@ -139,6 +142,75 @@ def test_cluster_store_on_a_synthetic_store(tmp_path):
         cluster_store(result, inputs, measures=["kl"])
 
 
+def directional_features(truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Features ``[N, 6]`` of one direction a class (plus a little noise), of norms from 0.01 to 100:
+    apart by angle, not by size (as the gradients of probes)."""
+    directions = np.eye(6)[: truth.max() + 1] + 0.1
+    x = directions[truth] + 0.05 * rng.normal(size=(len(truth), 6))
+    return x * np.logspace(-2, 2, len(truth))[rng.permutation(len(truth))][:, None]
+
+
+def test_normalised_kernel_is_the_kernel_of_unit_features():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2, 9, 4)) * rng.uniform(0.01, 100, (2, 9, 1))
+    K = x @ x.transpose(0, 2, 1)
+    unit = x / np.linalg.norm(x, axis=-1, keepdims=True)  # the oracle: cosines of the features
+    np.testing.assert_allclose(normalised_kernel(K), unit @ unit.transpose(0, 2, 1), atol=1e-12)
+    x[1, 3] = 0.0  # a probe without gradient: no cosine
+    A = normalised_kernel(x @ x.transpose(0, 2, 1))
+    assert (
+        np.isfinite(A[0]).all()
+        and not np.isfinite(A[1, 3]).any()
+        and np.isfinite(np.delete(A[1], 3, 0)[:, :3]).all()
+    )
+
+
+def test_a_kernel_of_separated_features_clusters_perfectly_and_a_permuted_one_does_not():
+    rng = np.random.default_rng(8)
+    truth = np.repeat([0, 1, 2], 12)[rng.permutation(36)]
+    x = directional_features(truth, rng)
+    A = normalised_kernel(x @ x.T)
+    for method in (kernel_kmeans, spectral):
+        assert clustering_accuracy(truth, method(A, 3, seed=0)) == 1.0
+        shuffled = rng.permutation(len(truth))  # the kernel of other probes than the labels say
+        assert clustering_accuracy(truth, method(A[shuffled][:, shuffled], 3, seed=0)) < 0.7
+    # the raw kernel splits the probes by the size of their features: why it is normalised
+    assert clustering_accuracy(truth, kernel_kmeans(x @ x.T, 3, seed=0)) < 0.7
+
+
+class StoredKernel:
+    """A stored ``ntk`` ``[S, P, P]`` as :class:`analyses.results.SnapshotArray` reads it."""
+
+    def __init__(self, K: np.ndarray):
+        self.K = K
+
+    def read(self) -> np.ndarray:
+        return self.K
+
+
+def test_cluster_store_on_the_kernel(tmp_path):
+    rng = np.random.default_rng(9)
+    labels = np.repeat([0, 1, 2], 8)
+    x = directional_features(labels, rng)
+    other = (np.arange(len(labels)) % 2)[:, None] * np.eye(6)[4] + 0.01  # another partition
+    K = np.stack([x @ x.T, other @ other.T + 1e-3 * np.eye(len(labels))])
+    write_store(tmp_path / "s.zarr", {"linear": np.ones((2, 24, 24))}, labels, [1, 1], [0, 5])
+    without = load_result(tmp_path / "s.zarr")
+    with pytest.raises(ResultsError, match=r"no measure \['ntk'\]; it holds linear \(a replay with --ntk"):
+        cluster_store(without, x, measures=[KERNEL])
+    assert list(cluster_store(without, x, classes=[0, 1]).accuracy) == ["linear"]
+
+    result = dataclasses.replace(without, ntk=StoredKernel(K))
+    c = cluster_store(result, x, classes=[0, 2])
+    assert list(c.accuracy) == ["linear", KERNEL]  # every similarity by default
+    chosen = np.isin(labels, [0, 2])
+    expected = permutation_accuracy(labels[chosen], np.arange(len(labels))[chosen] % 2)
+    for method in ("kernel_kmeans", "spectral"):
+        acc = c.accuracy[KERNEL][method]
+        assert acc[0] == 1.0 and acc[1] == pytest.approx(expected)
+    assert list(cluster_store(result, x, measures=[KERNEL]).accuracy) == [KERNEL]
+
+
 def test_a_regression_store_without_probe_classes_is_refused(tmp_path):
     P = 6
     write_store(tmp_path / "r.zarr", {"linear": np.ones((1, P, P))}, np.zeros((P, 1)), [1], [0])
@@ -255,6 +327,44 @@ def test_cluster_command_and_linearisation_gap_end_to_end(tmp_path, runner, one_
         expected = np.linalg.norm(S_f[off] - S_l[off]) / np.linalg.norm(S_f[off])
         assert gap.measure_gap[s] == pytest.approx(expected, rel=1e-6)
     assert (gap.change_gap > 1e-3).all() and (gap.resolved == 1).all()  # a step large enough to show
+
+
+def test_cluster_command_on_the_stored_kernel(tmp_path, runner, one_thread):
+    run = make_run(tmp_path / "run", steps=(0, 6), optimizer_cls=torch.optim.SGD, lr=0.1)
+    replay = ["replay", str(run), "--no-progress", "--update", "sgd", "--precision", "float64"]
+    result = runner.invoke(main, [*replay, "--measures", "linear", "--name", "plain"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["cluster", str(run), "--store", "plain", "--measure", "ntk"])
+    assert result.exit_code == 1 and "no measure ['ntk']; it holds linear" in result.output, result.output
+    result = runner.invoke(main, [*replay, "--measures", "linear", "--ntk", "--name", "kernel"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["cluster", str(run), "--store", "kernel", "--measure", "ntk"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "analysis" / "clustering.json").read_text())
+    assert list(summary["accuracy"]) == ["ntk"]
+
+    inputs, targets = RunDir(run).probes()
+    truth = targets.numpy()
+    model, stored = make_model("mlp"), RunDir(run)
+    for s, entry in enumerate(stored.manifest):
+        snap = stored.load_snapshot(entry)
+        model.load_state_dict(snap.params | snap.buffers)
+        rows = []  # the oracle: each probe's Jacobian of its outputs, one output at a time
+        for x in inputs.to(torch.float64):
+            out = model(x[None])[0]
+            grads = [
+                torch.autograd.grad(out[c], list(model.parameters()), retain_graph=True)
+                for c in range(len(out))
+            ]
+            rows.append(torch.cat([g.flatten() for gs in grads for g in gs]).numpy())
+        J = np.stack(rows)
+        unit = J / np.linalg.norm(J, axis=1, keepdims=True)
+        cosines = unit @ unit.T
+        np.testing.assert_allclose(
+            normalised_kernel(load_result(run / "kernel.zarr").ntk.read()[s]), cosines, atol=1e-10
+        )
+        for method, fn in (("kernel_kmeans", kernel_kmeans), ("spectral", spectral)):
+            assert summary["accuracy"]["ntk"][method][s] == clustering_accuracy(truth, fn(cosines, 3, seed=0))
 
 
 def test_cluster_command_bad_input(tmp_path, runner):

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from analyses import bootstrap
 from analyses.bootstrap import auc_with_ci, resample_counts, weighted_auc
 from analyses.classpairs import separation_auc
 from analyses.groups import band, member_results, run_curves
@@ -100,7 +101,11 @@ def test_no_transition_edge_cases():
 # ----------------------------------------------------------------------------- bootstrap
 
 
-def test_weighted_auc_is_the_auc_of_the_resampled_probes():
+@pytest.mark.parametrize("block", ["whole", "one snapshot, float64"])
+def test_weighted_auc_is_the_auc_of_the_resampled_probes(block, monkeypatch):
+    if block != "whole":  # snapshots one at a time, sums in float64
+        monkeypatch.setattr(bootstrap, "_BLOCK_ENTRIES", 1)
+        monkeypatch.setattr(bootstrap, "_EXACT_FLOAT32", 1)
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1, 2], 5)
     S = rng.lognormal(size=(4, 15, 15))
@@ -115,6 +120,19 @@ def test_weighted_auc_is_the_auc_of_the_resampled_probes():
         expanded = S[:, idx][:, :, idx]
         expanded[:, idx[:, None] == idx[None, :]] = np.nan  # a probe paired with its own copy: no pair
         np.testing.assert_allclose(weighted_auc(S, labels, c[None])[0], separation_auc(expanded, labels[idx]))
+
+
+def test_many_pairs_take_a_fixed_subset_whose_auc_is_close_to_every_pairs(monkeypatch):
+    monkeypatch.setattr(bootstrap, "MAX_PAIRS", 400)
+    rng = np.random.default_rng(2)
+    labels = np.repeat([0, 1], 30)  # 3,540 pairs
+    S = rng.normal(size=(3, 60, 60)) + 0.8 * (labels[:, None] == labels[None, :])
+    full = separation_auc(S, labels)
+    ones = np.ones((2, 60))
+    subset = weighted_auc(S, labels, ones)  # [2, T]: the same subset in both replicates
+    np.testing.assert_array_equal(subset[0], subset[1])
+    assert not np.allclose(subset[0], full)  # a subset, not every pair
+    np.testing.assert_allclose(subset[0], full, atol=4 * 0.5 / 400**0.5)
 
 
 def test_auc_interval_brackets_the_mean_over_runs():
@@ -288,6 +306,7 @@ def regression_run(trajectory, steps):
     return {"stores": {"sgd": store}, "test_acc": 0.0, "task": "regression"}
 
 
+@pytest.mark.slow
 def test_regression_group_reports_its_transition_and_a_flat_one_reports_none(tmp_path):
     steps = np.arange(0, 800, 20)
     rng = np.random.default_rng(0)

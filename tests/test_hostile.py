@@ -226,22 +226,33 @@ def test_deeply_nested_spec_is_one_line(run):
 
 
 @pytest.mark.parametrize(
-    "text",
+    "text, expected",
     [
-        '{"format": 1, "runs": [{"dir": "run-00", "seed": ' + "1" * 5000 + "}]}",
-        '{"format": 1, "runs": ' + "[" * 5000 + "]" * 5000 + "}",
-        '{"format": 1, "runs": [{"dir": "run-00", "seed": 0, "x": ' + "[" * 500 + "]" * 500 + "}]}",
+        (
+            '{"format": 1, "runs": [{"dir": "run-00", "seed": ' + "1" * 5000 + "}]}",
+            "runs[0].seed is an integer of 5000 digits, more than the 4300",
+        ),
+        (
+            '{"format": 1, "runs": ' + "[" * 5000 + "]" * 5000 + "}",
+            "JSON nested more than 100 levels deep, at runs[0][0][0][0][0][0][0]...",
+        ),
+        (
+            '{"format": 1, "runs": [{"dir": "run-00", "seed": 0, "x": ' + "[" * 500 + "]" * 500 + "}]}",
+            "JSON nested more than 100 levels deep, at runs[0].x[0][0][0][0][0]...",
+        ),
+        ('{"format": 1, "runs": [}', "not valid JSON (Expecting value at line 1 column 24)"),
     ],
-    ids=["5000-digit integer", "5000 levels", "500 levels"],
+    ids=["5000-digit integer", "5000 levels", "500 levels", "syntax"],
 )
-def test_malformed_group_json_is_one_line(tmp_path, text):
+def test_malformed_group_json_is_one_line_naming_the_key(tmp_path, text, expected):
     (tmp_path / "group").mkdir()
     (tmp_path / "group" / "group.json").write_text(text)
-    with pytest.raises(RunDirError, match="group.json: .*(not valid JSON|nested more than)") as raised:
+    with pytest.raises(RunDirError) as raised:
         read_group(tmp_path / "group")
+    assert str(raised.value).startswith(f"{tmp_path / 'group' / 'group.json'}: {expected}")
     assert "\n" not in str(raised.value)
     for command in ("replay", "analyze"):
-        assert_one_line_error(cli(command, tmp_path / "group"), str(tmp_path / "group" / "group.json"))
+        assert_one_line_error(cli(command, tmp_path / "group"), f"group.json: {expected}")
 
 
 # ----------------------------------------------------------------------------- C: the model's size
@@ -375,6 +386,22 @@ def test_replay_refuses_them_in_one_line_keeping_what_is_done(tmp_path, case):
     assert done.tolist() == [True, False]  # nothing of snapshot 2 marked done, nothing else lost
 
 
+def test_a_learning_rate_too_large_for_finite_measures_is_warned_once(run):
+    """Before, lr=1e300 gave snapshots of NaN measures (from finite weights) marked done without a
+    word."""
+    from replay import ReplayConfig, UpdateConfig
+    from replay.run import replay as run_replay
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = run_replay(run, ReplayConfig(UpdateConfig("sgd", lr=1e300), measures=("kl",)))
+    said = [str(w.message) for w in caught if issubclass(w.category, ReplayWarning)]
+    assert len(said) == 1 and "\n" not in said[0], said  # once per replay, of its first snapshot
+    assert said[0].startswith("snapshot step 0: the weights are finite but the measures are not")
+    assert "learning rate too large" in said[0]
+    assert not np.isfinite(zarr.open_group(store, mode="r")["measures/kl"][:]).any()
+
+
 # ----------------------------------------------------------------------------- F: record settings
 
 
@@ -398,6 +425,13 @@ def test_record_settings_out_of_range_are_usage_errors(tmp_path, setting, expect
     assert "Invalid value for --set" in result.output and expected in result.output, result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "run").exists()  # checked before anything is written
+
+
+def test_more_probes_than_a_class_has_is_one_line(tmp_path):
+    result = cli("record", "digits", tmp_path / "run", "--set", "probes_per_class=1000")
+    assert result.exit_code == 1, result.output
+    assert "1000 examples of class 0 asked for, but it has only" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_every_preset_default_passes_the_settings_check():

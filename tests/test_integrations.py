@@ -337,6 +337,7 @@ def test_lightning_under_ddp_records_on_rank_0_only(tmp_path):
         assert torch.equal(last.params[name], value), name
 
 
+@pytest.mark.slow
 def test_the_integrations_import_their_trainer_only_when_asked(tmp_path):
     """``import recorder`` (and the CLI, replay) import neither trainer package; an integration
     without its package says which extra to install."""

@@ -60,7 +60,8 @@ def test_invalid_configurations_raise_replay_error(make, message):
 def test_rule_choices_settings_and_checks_come_from_the_registry(monkeypatch):
     import torch
 
-    from replay.updates import RULES, Rule, sgd_step
+    from replay import rules, updates
+    from replay.updates import sgd_step
 
     assert ReplayConfig(UpdateConfig("sgd", lr=0.1)).identity()["update"] == {
         "rule": "sgd",
@@ -68,10 +69,10 @@ def test_rule_choices_settings_and_checks_come_from_the_registry(monkeypatch):
         "weight_decay": 0.0,
     }
     assert UpdateConfig("recorded").effective() == {"rule": "recorded"}
-    half = Rule(
-        "half-sgd",
-        "half an sgd step",
-        settings=("lr", "weight_decay"),
+    half = rules.Declaration("half-sgd", "half an sgd step", settings=("lr", "weight_decay"))
+    monkeypatch.setitem(rules.RULES, "half-sgd", half)  # what the configuration reads
+    bound = updates.Rule(
+        half,
         build=lambda c: (
             lambda params, grads, record: {
                 k: sgd_step(w, grads[k], {}, lr=c.lr / 2, weight_decay=c.weight_decay)
@@ -80,7 +81,7 @@ def test_rule_choices_settings_and_checks_come_from_the_registry(monkeypatch):
         ),
         reference=lambda c, record: lambda m: torch.optim.SGD(m.parameters(), lr=c.lr / 2),
     )
-    monkeypatch.setitem(RULES, "half-sgd", half)
+    monkeypatch.setitem(updates.RULES, "half-sgd", bound)  # what the engine runs
     config = UpdateConfig("half-sgd", lr=0.2, weight_decay=0.1)  # weight_decay: it reads it
     assert config.effective() == {"rule": "half-sgd", "lr": 0.2, "weight_decay": 0.1}
     with pytest.raises(ReplayError, match="weight_decay applies to the 'sgd' and 'half-sgd' rules only"):

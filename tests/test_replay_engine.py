@@ -15,7 +15,7 @@ from replay.engine import Engine
 from replay.grads import per_sample_grads
 from replay.reference import plain_changes, plain_measures
 from replay.updates import update_rule
-from tests.helpers import make_model, make_probes, run_spec, snapshot, train_steps
+from tests.helpers import autograd_jacobians, make_model, make_probes, run_spec, snapshot, train_steps
 
 EPS = 1e-8
 
@@ -100,23 +100,7 @@ def test_linear_equals_jacobian_times_update_from_plain_autograd(factory):
     params = {n: p.detach() for n, p in model.named_parameters()}
     updates = update_rule(config)(params, per_sample_grads(model, "cross_entropy", params, {}, x, y), None)
     U = torch.cat([u.flatten(1) for u in updates.values()], dim=1)  # [P, N]
-    J = []  # [P, C, N], row by row with torch.autograd
-    for j in range(len(x)):
-        out = model(x[j : j + 1])[0]
-        J.append(
-            torch.stack(
-                [
-                    torch.cat(
-                        [
-                            g.flatten()
-                            for g in torch.autograd.grad(out[c], list(model.parameters()), retain_graph=True)
-                        ]
-                    )
-                    for c in range(len(out))
-                ]
-            )
-        )
-    D = torch.einsum("jcn,in->ijc", torch.stack(J), U)
+    D = torch.einsum("jcn,in->ijc", autograd_jacobians(model, x), U)  # J row by row with torch.autograd
     torch.testing.assert_close(result.measures["linear"], plain_ratio(D.norm(dim=-1)), rtol=1e-7, atol=0)
 
 

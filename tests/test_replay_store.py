@@ -65,6 +65,7 @@ def test_store_follows_the_readme_layout(run, reference):
         "fallback": ((S,), ("snapshot",)),
         "arithmetic": ((S,), ("snapshot",)),
         "recorded_lr": ((S,), ("snapshot",)),  # NaN here: this manifest lists no lr
+        "linearisation_gap": ((S, P), ("snapshot", "updated")),
     }
     for m in MEASURES:
         expected[f"measures/{m}"] = ((S, P, P), ("snapshot", "updated", "observed"))

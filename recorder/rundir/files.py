@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
@@ -192,27 +193,91 @@ def is_number(value: Any) -> bool:
 
 
 def parse_json(text: str | bytes, where: str, error: type[RunDirError] = RunDirError) -> Any:
-    """``json.loads`` with every failure (syntax, nesting deeper than ``MAX_JSON_DEPTH``, huge
-    integers) an ``error``."""
+    """``json.loads`` with every failure an ``error`` of one line that says where: syntax (line and
+    column), nesting deeper than ``MAX_JSON_DEPTH`` and integers longer than
+    ``MAX_JSON_INT_DIGITS`` digits (the key holding them, e.g. ``runs[0].seed``)."""
+    scanned = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
+    deep = _too_deep(scanned)
+    if deep is not None:  # checked before parsing: deeper nesting would exhaust the parser's stack
+        raise error(f"{where}: JSON nested more than {MAX_JSON_DEPTH} levels deep, at {_shown(deep)}")
+    huge: list[int] = []  # the digit counts of integers too long to convert
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_int=lambda digits: _int(digits, huge))
     except json.JSONDecodeError as e:
-        raise error(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    except (ValueError, RecursionError) as e:  # undecodable bytes, an integer too long, nesting too deep
-        raise error(f"{where}: not valid JSON ({type(e).__name__})") from None
-    if _depth(value) > MAX_JSON_DEPTH:
-        raise error(f"{where}: JSON nested more than {MAX_JSON_DEPTH} levels deep")
+        raise error(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except ValueError as e:  # undecodable bytes
+        raise error(f"{where}: not valid JSON ({type(e).__name__}: {e})") from None
+    if huge:
+        path = _path_to(value, lambda node: isinstance(node, _HugeInt))
+        raise error(
+            f"{where}: {_shown(path or [])} is an integer of {huge[0]} digits, more than the "
+            f"{MAX_JSON_INT_DIGITS} a number here may have"
+        )
     return value
 
 
-def _depth(value: Any) -> int:
-    """How deeply lists and objects nest in the parsed JSON ``value`` (0 for a scalar), without
-    recursion."""
-    deepest, stack = 0, [(value, 1)]
+MAX_JSON_INT_DIGITS = 4300  # Python's own limit on converting a decimal string to an int
+
+
+class _HugeInt:
+    """What :func:`parse_json` parses an integer of more than ``MAX_JSON_INT_DIGITS`` digits as."""
+
+
+def _int(digits: str, huge: list[int]) -> int | _HugeInt:
+    """The JSON integer ``digits``; a :class:`_HugeInt` (its digit count appended to ``huge``) where
+    it is too long to convert."""
+    if len(digits.lstrip("-")) <= MAX_JSON_INT_DIGITS:
+        return int(digits)
+    huge.append(len(digits.lstrip("-")))
+    return _HugeInt()
+
+
+_JSON_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},:]')  # strings and structural characters
+
+
+def _too_deep(text: str) -> list[str | int] | None:
+    """The path (keys and indices) of the first list or object in the JSON ``text`` nested more
+    than ``MAX_JSON_DEPTH`` deep (the outermost value is at depth 1), or None; without parsing (a
+    scan of its strings and brackets)."""
+    stack: list[list[Any]] = []  # per open container: [its current key or index]
+    last = None  # the last string, a key when a ':' follows
+    for match in _JSON_TOKENS.finditer(text):
+        token = match.group()
+        if token in "{[":
+            if len(stack) == MAX_JSON_DEPTH:
+                return [entry[0] for entry in stack]
+            stack.append([None if token == "{" else 0])
+        elif token in "}]":
+            if stack:
+                stack.pop()
+        elif token == ",":
+            if stack and isinstance(stack[-1][0], int):
+                stack[-1][0] += 1
+        elif token == ":":
+            if stack:
+                stack[-1][0] = last
+        else:
+            last = token[1:-1]
+    return None
+
+
+def _path_to(value: Any, found: Any) -> list[str | int] | None:
+    """The path (keys and indices) of the first node of the parsed JSON ``value`` for which
+    ``found(node)`` holds, or None; without recursion."""
+    stack: list[tuple[Any, list[str | int]]] = [(value, [])]
     while stack:
-        node, depth = stack.pop()
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
-        if children is not None:
-            deepest = max(deepest, depth)
-            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return deepest
+        node, path = stack.pop()
+        if found(node):
+            return path
+        children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        stack.extend((child, [*path, key]) for key, child in reversed(list(children)))
+    return None
+
+
+def _shown(path: list[str | int], most: int = 8) -> str:
+    """A JSON path as ``runs[0].seed`` (its first ``most`` steps, then ``...``); ``the top level``
+    when empty."""
+    if not path:
+        return "the top level"
+    text = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path[:most]).lstrip(".")
+    return text + ("..." if len(path) > most else "")
