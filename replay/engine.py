@@ -243,7 +243,7 @@ class Engine:
             else None
         )  # [P] class index of each probe
         self.kernel = self._uses_kernel()
-        self.kernel_linear = self.kernel and self.gradient_scale is not None
+        self.kernel_linear = self.kernel and any(m.linear for m in self.measures)
         self.modules = modules_of(self._trainable()) if config.module_split else ()
         self.check = ErrorCheck(
             self.model,
@@ -281,14 +281,14 @@ class Engine:
 
     def _uses_kernel(self) -> bool:
         """Whether snapshots compute a tangent kernel (:mod:`replay.firstorder`): for ``ntk`` and
-        ``module_split``, and for ``linear`` under an update proportional to the gradient, where it
-        fits the memory budget (found from the kernel of the first probes at the model's initial
-        weights). Raises :class:`ReplayError` where ``ntk`` or ``module_split`` cannot fit or apply."""
+        ``module_split``, which then also gives ``linear`` (so that the module parts add up to it
+        exactly; elsewhere the passes' Jacobian-vector product, computed with the exact change,
+        costs less). Checks the kernel against the memory budget, from the kernel of the first
+        probes at the model's initial weights: :class:`ReplayError` where it cannot fit or apply."""
         config = self.config
-        wanted = config.ntk or config.module_split
         if config.module_split and self.labels is None:
             raise ReplayError("module_split needs a classification run: its shares are class-pair means")
-        if not wanted and not (self.gradient_scale is not None and any(m.linear for m in self.measures)):
+        if not (config.ntk or config.module_split):
             return False
         count = min(2, self.num_probes)
         trainable = set(self._trainable())
@@ -300,13 +300,11 @@ class Engine:
         needed = plan.bytes_for(self.num_probes)
         if needed <= self.budget:
             return True
-        if wanted:
-            raise ReplayError(
-                f"the tangent kernel of {self.num_probes} probes (for ntk or module_split) needs about "
-                f"{needed / 2**30:.2f} GiB, above the memory budget of {self.budget / 2**30:.2f} GiB; "
-                "raise --memory-budget or use fewer probes"
-            )
-        return False
+        raise ReplayError(
+            f"the tangent kernel of {self.num_probes} probes (for ntk or module_split) needs about "
+            f"{needed / 2**30:.2f} GiB, above the memory budget of {self.budget / 2**30:.2f} GiB; "
+            "raise --memory-budget or use fewer probes"
+        )
 
     @property
     def measure_names(self) -> tuple[str, ...]:

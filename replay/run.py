@@ -149,9 +149,8 @@ def _engine(run: RunDir, inputs: Inputs, targets: torch.Tensor, config: ReplayCo
     (:func:`~replay.plan.check_plan_fits`)."""
     engine = Engine(run.spec, inputs, targets, config)
     values_per_probe = sum(t[:1].numel() for t in (*input_tensors(inputs), targets))
-    check_plan_fits(
-        num_probes(inputs), len(engine.measure_names), values_per_probe, engine.facts.num_params, engine.budget
-    )
+    results = len(engine.measure_names) + config.ntk  # [P, P] each: the measures, and the kernel
+    check_plan_fits(num_probes(inputs), results, values_per_probe, engine.facts.num_params, engine.budget)
     return engine
 
 
