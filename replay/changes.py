@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.func import jvp
 
 from recorder.models import forward
-from recorder.rundir.probes import Inputs
+from recorder.rundir.probes import Inputs, num_probes, take
 from replay.batching import Batching
 from replay.difference import BaseState, ChangePropagator
 
@@ -67,7 +67,7 @@ class OutputChanges(ABC):
 class Difference(OutputChanges):
     """The difference of two forward passes of ``model`` and ``torch.func.jvp``, in the dtype of
     ``params``, ``buffers``, ``x`` ``[P, ...]`` (or named tensors) and ``base`` (``f(x; w)`` ``[P, C]``; None:
-    evaluated here)."""
+    evaluated here); the probes ``x`` in blocks of ``columns`` (None: all at once)."""
 
     name = "difference"
     propagates = False
@@ -81,9 +81,12 @@ class Difference(OutputChanges):
         base: Tensor | None,
         finite: bool,
         linear: bool,
+        columns: int | None = None,
     ):
         super().__init__(finite, linear)
         self.model, self.params, self.buffers, self.x = model, params, buffers, x
+        size = columns or num_probes(x)
+        self._blocks = [slice(start, start + size) for start in range(0, num_probes(x), size)]
         self._base = self._forward(params) if base is None else base
 
     @property
@@ -91,8 +94,10 @@ class Difference(OutputChanges):
         return self._base
 
     def _forward(self, p: dict[str, Tensor]) -> Tensor:
-        """``f(x; p)`` ``[P, C]``."""
-        return forward(self.model, self.x, (p, self.buffers))
+        """``f(x; p)`` ``[P, C]``, block by block."""
+        if len(self._blocks) == 1:
+            return forward(self.model, self.x, (p, self.buffers))
+        return torch.cat([forward(self.model, take(self.x, b), (p, self.buffers)) for b in self._blocks])
 
     def __call__(self, update: dict[str, Tensor]) -> dict[str, Tensor]:
         moved = {k: self.params[k] + update[k] for k in self.params}

@@ -18,33 +18,30 @@ import torch
 STATS = ("mean", "median")
 
 
-def pair_masks(labels: np.ndarray, num_classes: int, include_self: bool = False) -> np.ndarray:
-    """Boolean masks ``[K, K, P, P]``: ``masks[a, b, i, j]`` selects class(i) = b, class(j) = a."""
-    labels = np.asarray(labels)
-    onehot = labels[:, None] == np.arange(num_classes)[None, :]  # [P, K]
-    masks = onehot.T[None, :, :, None] & onehot.T[:, None, None, :]  # [a, b, i, j]
-    if not include_self:
-        masks = masks & ~np.eye(len(labels), dtype=bool)
-    return masks
-
-
 def aggregate(
     S: np.ndarray, labels: np.ndarray, num_classes: int, include_self: bool = False, stat: str = "mean"
 ) -> np.ndarray:
-    """Class-pair aggregate ``[..., K, K]`` of ``S`` ``[..., P, P]``; NaN where a cell has no pairs."""
+    """Class-pair aggregate ``[..., K, K]`` of ``S`` ``[..., P, P]``; NaN where a cell has no pairs.
+
+    Each cell reads its own block of rows and columns (memory: one block, not ``K^2`` masks of
+    ``P x P``), its values in the order of ``(i, j)``."""
     if stat not in STATS:
         raise ValueError(f"stat must be one of {STATS}")
     S = np.asarray(S, dtype=np.float64)
-    masks = pair_masks(labels, num_classes, include_self)
+    labels = np.asarray(labels)
+    members = [np.flatnonzero(labels == k) for k in range(num_classes)]
     fn = np.nanmean if stat == "mean" else np.nanmedian
     out = np.full(S.shape[:-2] + (num_classes, num_classes), np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells stay NaN
-        for a in range(num_classes):
-            for b in range(num_classes):
-                m = masks[a, b]
-                if m.any():
-                    out[..., a, b] = fn(S[..., m], axis=-1)
+        for a, observed in enumerate(members):
+            for b, updated in enumerate(members):
+                block = S[..., updated[:, None], observed[None, :]]  # [..., rows i, columns j]
+                keep = np.ones(block.shape[-2:], dtype=bool)
+                if a == b and not include_self:
+                    keep &= ~np.eye(len(updated), dtype=bool)
+                if keep.any():
+                    out[..., a, b] = fn(block[..., keep], axis=-1)
     return out
 
 

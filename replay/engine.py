@@ -67,6 +67,7 @@ from replay.plan import (
     ModelFacts,
     activations_per_sample,
     choose_strategy,
+    columns_per_block,
     default_memory_budget,
     rows_per_chunk,
 )
@@ -312,7 +313,16 @@ class Engine:
 
     def rows_per_chunk(self, arithmetic: str) -> int:
         """How many updated probes are processed at once within the memory budget, in ``arithmetic``."""
-        return rows_per_chunk(self.facts, self.num_probes, ARITHMETIC[arithmetic], self.strategy, self.budget)
+        columns = self.columns_per_block(arithmetic)
+        return rows_per_chunk(
+            self.facts, self.num_probes, ARITHMETIC[arithmetic], self.strategy, self.budget, columns
+        )
+
+    def columns_per_block(self, arithmetic: str) -> int:
+        """On how many observed probes an updated probe is evaluated at once, in ``arithmetic``."""
+        return columns_per_block(
+            self.facts, self.num_probes, ARITHMETIC[arithmetic], self.strategy, self.budget
+        )
 
     def replay_snapshot(self, snapshot: Snapshot) -> SnapshotResult:
         """All stored quantities of one snapshot (NaN, with a warning, for non-finite weights).
@@ -591,13 +601,20 @@ class Engine:
             return self._propagation(run.nodes, fast)
         base = run.network_base if run.network == fast else None
         buffers = retyped(run.buffers, fast)
-        return self._difference(run.update_params, buffers, retype(run.x, fast), base)
+        columns = self.columns_per_block(run.arithmetic.name)
+        return self._difference(run.update_params, buffers, retype(run.x, fast), base, columns)
 
     def _difference(
-        self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Inputs, base: Tensor | None
+        self,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        x: Inputs,
+        base: Tensor | None,
+        columns: int | None = None,
     ) -> Difference:
-        """A :class:`~replay.changes.Difference` of the model with what the measures need."""
-        return Difference(self.model, params, buffers, x, base, *self._needs())
+        """A :class:`~replay.changes.Difference` of the model with what the measures need, the
+        observed probes in blocks of ``columns`` (None: all at once)."""
+        return Difference(self.model, params, buffers, x, base, *self._needs(), columns)
 
     def _propagation(self, nodes: BaseState, dtype: torch.dtype) -> Propagation:
         """A :class:`~replay.changes.Propagation` of the model with what the measures need."""

@@ -12,7 +12,9 @@
   all ``P`` probes already fills the device: no stacked weights, plain rather than grouped
   convolutions).
 - **Chunk size** (:func:`rows_per_chunk`): how many updated probes are processed at once within
-  the memory budget.
+  the memory budget; and (:func:`columns_per_block`) on how many observed probes at once: all of
+  them unless one updated probe with all of them exceeds the budget (a difference then evaluates
+  the observed probes in blocks; a propagation, which holds every probe's base values, cannot).
 - **The whole plan** (:func:`check_plan_fits`): what a replay holds besides that block (one
   snapshot's results, the probe set, the model) must fit the memory budget too, or the replay
   is refused before it starts.
@@ -106,23 +108,57 @@ def choose_strategy(strategy: str, device_type: str, facts: ModelFacts, num_prob
 
 
 def rows_per_chunk(
-    facts: ModelFacts, num_probes: int, arithmetic: Arithmetic, strategy: str, budget: int
+    facts: ModelFacts,
+    num_probes: int,
+    arithmetic: Arithmetic,
+    strategy: str,
+    budget: int,
+    columns: int | None = None,
 ) -> int:
-    """How many updated probes fit the memory ``budget`` (bytes) at once (at least one).
+    """How many updated probes fit the memory ``budget`` (bytes) at once (at least one), each
+    evaluated on ``columns`` observed probes at once (default: all ``P``).
 
     Per updated probe: ``PARAM_COPIES`` parameter copies and, with ``vmap``, ``ACTIVATION_COPIES``
-    activation copies of all ``P + 1`` probes, in the fast dtype. Shared by the block: with
+    activation copies of ``columns + 1`` probes, in the fast dtype. Shared by the block: with
     ``loop``, one probe's activation copies; for changes that propagate, the base values of every
     node (exact and fast dtype).
     """
+    per_row, shared = _row_bytes(facts, num_probes, arithmetic, strategy, columns or num_probes)
+    return max(1, min(num_probes, (budget - shared) // per_row))
+
+
+def columns_per_block(
+    facts: ModelFacts, num_probes: int, arithmetic: Arithmetic, strategy: str, budget: int
+) -> int:
+    """On how many observed probes one updated probe is evaluated at once: all ``P`` where one
+    updated probe fits the ``budget`` with them (:func:`rows_per_chunk`) or where the changes
+    propagate (their base values hold every probe), else the most that fit (at least one)."""
+
+    def fits(columns: int) -> bool:
+        per_row, shared = _row_bytes(facts, num_probes, arithmetic, strategy, columns)
+        return per_row + shared <= budget
+
+    if arithmetic.changes.propagates or fits(num_probes):
+        return num_probes
+    low, high = 1, num_probes  # the most that fit lies in [low, high)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def _row_bytes(
+    facts: ModelFacts, num_probes: int, arithmetic: Arithmetic, strategy: str, columns: int
+) -> tuple[int, int]:
+    """Bytes of one updated probe and bytes shared by a block (:func:`rows_per_chunk`)."""
     exact, fast = arithmetic.exact.itemsize, arithmetic.fast.itemsize
-    activations = ACTIVATION_COPIES * (num_probes + 1) * facts.activations * fast
+    activations = ACTIVATION_COPIES * (columns + 1) * facts.activations * fast
     per_row_activations = BATCHINGS[strategy].activations_per_row
     per_row = PARAM_COPIES * facts.num_params * fast + (activations if per_row_activations else 0)
     shared = (0 if per_row_activations else activations) + (
         num_probes * facts.activations * (exact + fast) if arithmetic.changes.propagates else 0
     )
-    return max(1, min(num_probes, (budget - shared) // per_row))
+    return per_row, shared
 
 
 def plan_bytes(num_probes: int, num_measures: int, values_per_probe: int, num_params: int) -> int:

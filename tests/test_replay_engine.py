@@ -104,11 +104,11 @@ def test_linear_equals_jacobian_times_update_from_plain_autograd(factory):
     torch.testing.assert_close(result.measures["linear"], plain_ratio(D.norm(dim=-1)), rtol=1e-7, atol=0)
 
 
-def test_chunking_over_updated_probes_does_not_change_the_result():
+def test_blocks_of_updated_and_observed_probes_do_not_change_the_result():
     model, x, y = trained("small_cnn")
     whole = replayed(model, "small_cnn", x, y, ReplayConfig(memory_budget=1 << 40, precision="float64"))
     engine = Engine(run_spec("small_cnn"), x, y, ReplayConfig(memory_budget=1, precision="float64"))
-    assert engine.rows_per_chunk("float64") == 1
+    assert engine.rows_per_chunk("float64") == 1 and engine.columns_per_block("float64") == 1
     chunked = engine.replay_snapshot(snapshot(model, 5))
     for name in whole.measures:
         torch.testing.assert_close(chunked.measures[name], whole.measures[name], rtol=1e-12, atol=0)

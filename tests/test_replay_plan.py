@@ -19,6 +19,7 @@ from replay.plan import (
     available_memory,
     choose_arithmetic,
     choose_strategy,
+    columns_per_block,
     default_memory_budget,
     rows_per_chunk,
 )
@@ -91,6 +92,21 @@ def test_resnet18_at_240_probes_fits_the_default_budget_of_a_24_gib_machine(arit
         one_less = rows_per_chunk(facts, num_probes, ARITHMETIC[arithmetic], strategy, budget // 2)
         assert 1 <= one_less <= rows < num_probes  # the budget, not P, limits the block
         assert rows_per_chunk(facts, num_probes, ARITHMETIC[arithmetic], strategy, 1 << 20) == 1
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_observed_probes_go_in_blocks_only_where_one_updated_probe_exceeds_the_budget(strategy):
+    """Per updated probe, ``ACTIVATION_COPIES`` activation copies of the observed probes (plus one):
+    the blocks of observed probes are the most whose row fits; a propagation holds every probe."""
+    facts = ModelFacts(num_params=1000, activations=100_000, traceable=True)
+    num_probes, difference = 5000, ARITHMETIC["difference32"]
+    assert columns_per_block(facts, num_probes, difference, strategy, 1 << 40) == num_probes
+    budget = 3 * 4 * 100_000 * 1001 + 8 * 4 * 1000  # one row with 1,000 observed probes, exactly
+    assert columns_per_block(facts, num_probes, difference, strategy, budget) == 1000
+    assert columns_per_block(facts, num_probes, difference, strategy, budget - 1) == 999
+    assert rows_per_chunk(facts, num_probes, difference, strategy, budget, 1000) == 1
+    assert columns_per_block(facts, num_probes, difference, strategy, 1) == 1
+    assert columns_per_block(facts, num_probes, ARITHMETIC["mixed"], strategy, budget) == num_probes
 
 
 def test_engine_reports_its_plan_and_honours_a_configured_strategy():
