@@ -11,6 +11,10 @@ For a snapshot with weights ``w`` and ``P`` probes ``(x_i, y_i)`` (``C`` outputs
    (:mod:`replay.changes`);
 4. the measures ``S[i, j]`` (:mod:`replay.measures`).
 
+With ``ntk`` or ``module_split`` configured, each snapshot also computes its tangent kernel in
+float64 (:mod:`replay.firstorder`): the NTK rows and each module's part of ``J_j . U_i`` of every
+block, whose sum is then the ``linear`` change (so that the parts add up to it exactly).
+
 Steps 1-4 run over blocks of ``B`` updated probes within the memory budget, by the plan of
 :mod:`replay.plan`: each block mapped by one of the strategies of :mod:`replay.batching`, in the
 arithmetic that the precision policy of :mod:`replay.precision` settles on for the snapshot, its
