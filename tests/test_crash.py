@@ -214,13 +214,15 @@ def test_recorder_killed_at_random_moments_keeps_every_listed_snapshot(tmp_path)
         code = run_forked(
             _record, run_dir, steps, until=lambda v=steps, t=target: v.value >= t, delay=rng.uniform(0, 0.02)
         )
-        assert code == -signal.SIGKILL
+        assert code in (-signal.SIGKILL, 0)  # 0: it finished before the kill was sent
         wait_for_writers(run_dir)
         if not (run_dir / "manifest.json").exists():
             continue  # killed before the recorder wrote anything
         run = RunDir(run_dir)
         n = len(run.manifest)
-        assert not run.complete  # the manifest says the recording did not finish
+        # The manifest says the recording did not finish, unless it finished before the kill
+        # landed (a target near the end, a long delay): then it lists every snapshot.
+        assert not run.complete or run.manifest == full.manifest
         # The listed snapshots are the uninterrupted run's, byte for byte (equal checksums),
         # intact (checksums verified on load) and equal to its snapshots.
         assert run.manifest == full.manifest[:n]
