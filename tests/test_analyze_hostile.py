@@ -35,13 +35,14 @@ def one_line_error(result) -> str:
     return result.output
 
 
-def read_only(monkeypatch, folder: Path) -> None:
-    """Make ``folder`` behave as on a read-only file system (root ignores permission bits)."""
+def read_only(monkeypatch, folder: Path, error: int = errno.EROFS) -> None:
+    """Make ``folder`` refuse writes with ``error`` (default: as on a read-only file system; root
+    ignores permission bits, so this stands in for them too)."""
     real_open, real_mkdir = os.open, os.mkdir
 
     def refuse(path) -> None:
         if Path(path).resolve().is_relative_to(folder.resolve()):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            raise OSError(error, os.strerror(error), str(path))
 
     def guarded_open(path, flags, *args, **kwargs):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
@@ -69,9 +70,10 @@ def test_read_only_run_directory_says_where_and_offers_out(tmp_path, monkeypatch
     assert (elsewhere / "summary.json").is_file() and not (run / "analysis").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
-def test_run_directory_without_write_permission(tmp_path, runner):
+def test_run_directory_without_write_permission(tmp_path, monkeypatch, runner):
     run = small_run(tmp_path / "run")
+    if os.geteuid() == 0:  # root writes through permission bits: refused as they would refuse
+        read_only(monkeypatch, run, errno.EACCES)
     run.chmod(0o555)
     try:
         output = one_line_error(runner.invoke(main, ["analyze", str(run), "--no-figures"]))
